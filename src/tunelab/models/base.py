@@ -1,0 +1,170 @@
+"""The model object tunelab trains, evaluates, serves and saves: a backbone with named task heads."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from tunelab.nn.attention import build_attention_mask
+from tunelab.nn.kv_cache import KVCache
+
+
+@dataclass
+class ModelConfig:
+    """Fields shared by every family's config; each family adds its own."""
+
+    model_type: str = ""
+    vocab_size: int = 0
+    hidden_size: int = 0
+    num_layers: int = 0
+    num_heads: int = 0
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    # Task heads: label names for classification / tagging heads (index = class id).
+    labels: list[str] = field(default_factory=list)
+
+    family = ""  # "bert", "gpt2", "llama": set by each subclass
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"family": self.family, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class ModelOutput:
+    """hidden [B, T, D]; pooled [B, D] (encoders with a pooler); logits of each head that ran, by name."""
+
+    hidden: torch.Tensor
+    pooled: torch.Tensor | None = None
+    logits: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __getitem__(self, head: str) -> torch.Tensor:
+        return self.logits[head]
+
+
+class Model(nn.Module):
+    """backbone + heads. Head names: "lm" (causal LM), "mlm", "nsp", "classifier", "tagger", "qa"."""
+
+    def __init__(self, config: ModelConfig, backbone: nn.Module, heads: dict[str, nn.Module] | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.backbone = backbone
+        self.heads = nn.ModuleDict(heads or {})
+        self.tie_weights()
+
+    @property
+    def family(self) -> str:
+        return self.config.family
+
+    @property
+    def is_decoder(self) -> bool:
+        return getattr(self.backbone, "causal", False)
+
+    def tie_weights(self) -> None:
+        """Share the token-embedding matrix with the output projection where the config says so."""
+        if not getattr(self.config, "tie_embeddings", False):
+            return
+        embedding = self.backbone.tok_embeddings.weight
+        if "lm" in self.heads:
+            self.heads["lm"].proj.weight = embedding
+        if "mlm" in self.heads:
+            self.heads["mlm"].decoder.weight = embedding
+
+    def add_head(self, name: str, head: nn.Module) -> None:
+        self.heads[name] = head
+        self.tie_weights()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        heads: Iterable[str] | None = None,
+    ) -> ModelOutput:
+        """input_ids [B, T]; attention_mask [B, T_past + T] (1 = token, 0 = padding).
+
+        heads: names of the heads to run (default all; () for hidden states only).
+        """
+        hidden, pooled = self.backbone(
+            input_ids,
+            attention_mask,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            document_ids=document_ids,
+            cache=cache,
+        )
+        names = self.heads.keys() if heads is None else heads
+        mask = attention_mask[:, -input_ids.shape[1]:] if attention_mask is not None else None
+        logits = {name: self.heads[name](hidden, pooled, mask) for name in names}
+        return ModelOutput(hidden=hidden, pooled=pooled, logits=logits)
+
+    def new_cache(
+        self, batch_size: int, max_len: int, *, dtype: torch.dtype | None = None, device=None
+    ) -> KVCache:
+        """An empty KV cache for decoding up to max_len positions (decoders only)."""
+        if not self.is_decoder:
+            raise TypeError(f"{self.family} is not a decoder; it has no KV cache")
+        attn = self.backbone.layers[0].attn
+        param = next(self.parameters())
+        return KVCache(
+            len(self.backbone.layers),
+            batch_size,
+            attn.num_kv_heads,
+            attn.head_dim,
+            max_len,
+            dtype=dtype or param.dtype,
+            device=device or param.device,
+        )
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        seen: set[int] = set()
+        total = 0
+        for p in self.parameters():
+            if id(p) in seen or (trainable_only and not p.requires_grad):
+                continue
+            seen.add(id(p))
+            total += p.numel()
+        return total
+
+
+def decoder_attention_mask(
+    attention_mask: torch.Tensor | None,
+    query_len: int,
+    past_len: int,
+    *,
+    document_ids: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+) -> tuple[torch.Tensor | None, bool]:
+    """(mask, is_causal) for a causal decoder: no mask at all on the fast path (no padding, no packing)."""
+    key_len = past_len + query_len
+    if attention_mask is not None and bool(attention_mask.all()):
+        attention_mask = None
+    if sliding_window is not None and key_len <= sliding_window:
+        sliding_window = None
+    if attention_mask is None and document_ids is None and sliding_window is None:
+        if past_len == 0:
+            return None, True
+        if query_len == 1:
+            return None, False
+    mask = build_attention_mask(
+        attention_mask, query_len, key_len, causal=True, document_ids=document_ids, sliding_window=sliding_window
+    )
+    return mask, False
+
+
+def default_position_ids(input_ids: torch.Tensor, past_len: int) -> torch.Tensor:
+    """[B, T] positions past_len .. past_len + T - 1 for every row."""
+    T = input_ids.shape[1]
+    return torch.arange(past_len, past_len + T, device=input_ids.device).expand(input_ids.shape[0], T)

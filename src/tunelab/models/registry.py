@@ -1,0 +1,80 @@
+"""Model families by name, and the construction of a model with its task heads."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from torch import nn
+
+from tunelab.models import heads as H
+from tunelab.models.base import Model, ModelConfig
+from tunelab.models.bert import BertConfig, BertModel
+from tunelab.models.gpt2 import GPT2Config, GPT2Model
+from tunelab.models.llama import LlamaConfig, LlamaModel
+
+FAMILIES: dict[str, tuple[type[ModelConfig], type[nn.Module]]] = {
+    "bert": (BertConfig, BertModel),
+    "gpt2": (GPT2Config, GPT2Model),
+    "llama": (LlamaConfig, LlamaModel),
+}
+
+HEAD_NAMES = ("lm", "mlm", "nsp", "classifier", "tagger", "qa")
+
+
+def config_from_dict(data: dict) -> ModelConfig:
+    """Our own serialised config (ModelConfig.to_dict) back into its family's dataclass."""
+    family = data.get("family")
+    if family not in FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; known: {', '.join(FAMILIES)}")
+    return FAMILIES[family][0].from_dict(data)
+
+
+def make_head(config: ModelConfig, name: str, num_labels: int | None = None) -> nn.Module:
+    """A fresh head called `name` shaped for `config` (num_labels defaults to len(config.labels))."""
+    dim, mt = config.hidden_size, config.model_type
+    labels = num_labels if num_labels is not None else len(config.labels)
+    dropout = getattr(config, "hidden_dropout", getattr(config, "dropout", 0.0))
+    if name == "lm":
+        return H.LMHead(dim, config.vocab_size)
+    if name == "mlm":
+        eps = getattr(config, "layer_norm_eps", 1e-12)
+        return H.MaskedLMHead(dim, config.vocab_size, getattr(config, "hidden_act", "gelu"), eps)
+    if name == "nsp":
+        return H.NextSentenceHead(dim)
+    if name in ("classifier", "tagger") and labels < 1:
+        raise ValueError(f"the {name} head needs num_labels (or labels in the config)")
+    if name == "classifier":
+        if mt == "bert":
+            return H.SequenceClassificationHead(dim, labels, pooling="pooled", dropout=dropout)
+        if mt == "roberta":
+            return H.SequenceClassificationHead(dim, labels, pooling="first", dropout=dropout, hidden_activation="tanh")
+        if mt == "distilbert":
+            return H.SequenceClassificationHead(dim, labels, pooling="first", dropout=dropout, hidden_activation="relu")
+        return H.SequenceClassificationHead(dim, labels, pooling="last", dropout=0.0, bias=False)
+    if name == "tagger":
+        return H.TokenClassificationHead(dim, labels, dropout)
+    if name == "qa":
+        return H.SpanQAHead(dim)
+    raise ValueError(f"unknown head {name!r}; known: {', '.join(HEAD_NAMES)}")
+
+
+def build_model(config: ModelConfig, heads: Iterable[str] = (), num_labels: int | None = None) -> Model:
+    """A randomly initialised model of config's family with the named heads."""
+    if config.family not in FAMILIES:
+        raise ValueError(f"unknown model family {config.family!r}")
+    backbone = FAMILIES[config.family][1](config)
+    model = Model(config, backbone, {name: make_head(config, name, num_labels) for name in heads})
+    model.apply(_init_weights)
+    model.tie_weights()
+    return model
+
+
+def _init_weights(module: nn.Module, std: float = 0.02) -> None:
+    """Normal(0, 0.02) weights and zero biases, as BERT and GPT-2 initialise (norms keep ones/zeros)."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        if module.weight.requires_grad:
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+        if isinstance(module, nn.Embedding) and module.padding_idx is not None and module.weight.requires_grad:
+            module.weight.data[module.padding_idx].zero_()

@@ -1,0 +1,116 @@
+"""Multi-head attention, softmax(Q K^T / sqrt(d_k) + M) V (Vaswani et al. 2017, eq. 1), with grouped-query
+heads (Ainslie et al. 2023), rotary positions and a KV cache, over torch's scaled_dot_product_attention."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tunelab.nn.kv_cache import KVCache
+from tunelab.nn.positions import apply_rotary
+
+
+def build_attention_mask(
+    attention_mask: torch.Tensor | None,
+    query_len: int,
+    key_len: int,
+    *,
+    causal: bool,
+    document_ids: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+) -> torch.Tensor | None:
+    """A boolean mask [B or 1, 1, T_q, T_k], True where a query may attend to a key; None = attend to all.
+
+    attention_mask [B, T_k]: 1 for real tokens, 0 for padding (keys only; HF's convention).
+    causal: query i (the last T_q of T_k positions) sees keys <= its own position.
+    document_ids [B, T_k]: packed sequences; a query sees only keys of its own document.
+    Rows that would see nothing (padding queries under a causal mask) are let to see every key, so
+    softmax stays finite; their outputs are padding and never used.
+    """
+    if attention_mask is None and document_ids is None and sliding_window is None and not causal:
+        return None
+    device = attention_mask.device if attention_mask is not None else (
+        document_ids.device if document_ids is not None else None
+    )
+    mask = torch.ones(1, 1, query_len, key_len, dtype=torch.bool, device=device)
+    offset = key_len - query_len  # positions already in the KV cache
+    q_pos = torch.arange(query_len, device=device)[:, None] + offset
+    k_pos = torch.arange(key_len, device=device)[None, :]
+    if causal:
+        mask = mask & (k_pos <= q_pos)
+    if sliding_window is not None:
+        mask = mask & (q_pos - k_pos < sliding_window)
+    if attention_mask is not None:
+        mask = mask & attention_mask[:, None, None, :].bool()
+    if document_ids is not None:
+        q_doc = document_ids[:, -query_len:]
+        mask = mask & (q_doc[:, None, :, None] == document_ids[:, None, None, :])
+    return mask | ~mask.any(dim=-1, keepdim=True)
+
+
+class Attention(nn.Module):
+    """Self- or cross-attention with `num_heads` query heads sharing `num_kv_heads` key/value heads."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        num_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        *,
+        qkv_bias: bool = False,
+        out_bias: bool = False,
+        dropout: float = 0.0,
+        layer_idx: int = 0,
+    ) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads or num_heads
+        if num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+        self.head_dim = head_dim or dim // num_heads
+        self.dropout = dropout
+        self.layer_idx = layer_idx
+        self.q_proj = nn.Linear(dim, num_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(dim, self.num_kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(dim, self.num_kv_heads * self.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(num_heads * self.head_dim, dim, bias=out_bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cache: KVCache | None = None,
+        memory: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x [B, T, D] -> [B, T, D].
+
+        mask: from build_attention_mask, or None with is_causal for the plain causal case.
+        rope: (cos, sin) [B, 1, T, head_dim] for the query positions.
+        memory [B, S, D]: attend to these (cross-attention) instead of x.
+        """
+        B, T, _ = x.shape
+        source = x if memory is None else memory
+        S = source.shape[1]
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
+        k = self.k_proj(source).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, S, hd]
+        v = self.v_proj(source).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, S, hd]
+        if rope is not None:
+            cos, sin = rope
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # [B, Hkv, past + S, hd]
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=is_causal and mask is None,
+            enable_gqa=self.num_kv_heads != self.num_heads,
+        )  # [B, H, T, hd]
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
