@@ -169,8 +169,11 @@ def model_from_hf(
     """Our Model from an HF config dict and HF-named tensors (from a directory or a GGUF file)."""
     arch = architecture_for(hf_config, source)
     config = config_from_hf(hf_config, source)
-    with torch.device("meta"):
-        model = build_model(config, arch.heads, num_labels=_num_labels(arch, hf_tensors))
+    try:
+        with torch.device("meta"):
+            model = build_model(config, arch.heads, num_labels=_num_labels(arch, hf_tensors))
+    except (TypeError, ValueError, RuntimeError) as e:  # e.g. "hidden_size": "32", a negative size, 5 heads over 2
+        raise CheckpointError(f"{source}: config.json describes a model that cannot be built: {e}") from None
     state = hf_to_ours(hf_tensors, arch, model, source)
     model = model.to_empty(device="cpu")
     _reset_buffers(model)

@@ -1,0 +1,1 @@
+"""The `tunelab` command: the only place that parses argv."""

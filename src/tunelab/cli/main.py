@@ -1,0 +1,46 @@
+"""`tunelab` and its subcommands. Each subcommand module has add_parser(subparsers) and run(args)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from tunelab import __version__
+from tunelab.errors import TunelabError
+
+SUBCOMMANDS = ("generate", "embed", "fill_mask", "convert", "models")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tunelab",
+        description="Fine-tune language models, from raw data to a deployed model.",
+    )
+    parser.add_argument("--version", action="version", version=f"tunelab {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    from importlib import import_module
+
+    for name in SUBCOMMANDS:
+        import_module(f"tunelab.cli.{name}").add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "run", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.run(args) or 0
+    except TunelabError as e:
+        print(f"tunelab: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("tunelab: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # Output piped into `head` and the like: exit quietly.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1

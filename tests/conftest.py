@@ -1,0 +1,186 @@
+"""Shared fixtures: tiny random Hugging Face models (built in code, never downloaded) saved as directories.
+
+`make_hf_model(case)` builds a transformers model for one of the CASES below, redraws its weights from
+N(0, 0.3) so that activations and logits are O(1) (the default 0.02 init makes every model output near
+zero and parity tests meaningless), saves it with save_pretrained and returns (hf_model, directory).
+
+Test modules get the helpers through the `tiny` fixture (a namespace), not by importing this file: several
+conftest.py files share the module name "conftest", so importing one by name is fragile.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+
+VOCAB = 99
+PAD = 0  # pad id of every tiny model (1 for RoBERTa, as in the real ones)
+SEQ = 12
+
+_BERT = dict(
+    vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+    max_position_embeddings=64, type_vocab_size=2, pad_token_id=PAD,
+)
+_ROBERTA = {**_BERT, "pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 2, "max_position_embeddings": 66,
+            "type_vocab_size": 1}
+_DISTILBERT = dict(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=64,
+                   pad_token_id=PAD)
+_GPT2 = dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=2, eos_token_id=2,
+             pad_token_id=PAD)
+_LLAMA = dict(
+    vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    intermediate_size=64, max_position_embeddings=128, bos_token_id=2, eos_token_id=2, pad_token_id=PAD,
+    tie_word_embeddings=False,
+)
+
+# case id -> (transformers class name, transformers config class name, config kwargs)
+CASES: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "bert-base": ("BertModel", "BertConfig", _BERT),
+    "bert-mlm": ("BertForMaskedLM", "BertConfig", _BERT),
+    "bert-pretraining": ("BertForPreTraining", "BertConfig", _BERT),
+    "bert-cls": ("BertForSequenceClassification", "BertConfig", {**_BERT, "num_labels": 3}),
+    "bert-tagger": ("BertForTokenClassification", "BertConfig", {**_BERT, "num_labels": 5}),
+    "bert-qa": ("BertForQuestionAnswering", "BertConfig", _BERT),
+    "roberta-mlm": ("RobertaForMaskedLM", "RobertaConfig", _ROBERTA),
+    "roberta-cls": ("RobertaForSequenceClassification", "RobertaConfig", {**_ROBERTA, "num_labels": 3}),
+    "distilbert-mlm": ("DistilBertForMaskedLM", "DistilBertConfig", _DISTILBERT),
+    "distilbert-cls": ("DistilBertForSequenceClassification", "DistilBertConfig", {**_DISTILBERT, "num_labels": 3}),
+    "gpt2-lm": ("GPT2LMHeadModel", "GPT2Config", _GPT2),
+    "gpt2-cls": ("GPT2ForSequenceClassification", "GPT2Config", {**_GPT2, "num_labels": 3}),
+    "llama-gqa": ("LlamaForCausalLM", "LlamaConfig", _LLAMA),
+    "llama-tied": ("LlamaForCausalLM", "LlamaConfig", {**_LLAMA, "tie_word_embeddings": True}),
+    "llama-bias": ("LlamaForCausalLM", "LlamaConfig", {**_LLAMA, "attention_bias": True}),
+    "llama-rope-linear": (
+        "LlamaForCausalLM", "LlamaConfig", {**_LLAMA, "rope_scaling": {"rope_type": "linear", "factor": 4.0}},
+    ),
+    # head_dim 8, theta 10000: wavelengths 6.3, 63, 628, 6283 against 64/4 .. 64/1 -> the kept, blended and
+    # scaled branches of Llama 3.1's rule are all exercised.
+    "llama-rope-llama3": (
+        "LlamaForCausalLM",
+        "LlamaConfig",
+        {**_LLAMA, "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 64}},
+    ),
+    "qwen2": ("Qwen2ForCausalLM", "Qwen2Config", _LLAMA),
+    "mistral-window": ("MistralForCausalLM", "MistralConfig", {**_LLAMA, "sliding_window": 5}),
+    "llama-cls": ("LlamaForSequenceClassification", "LlamaConfig", {**_LLAMA, "num_labels": 3}),
+}
+
+ENCODER_CASES = [c for c in CASES if CASES[c][1] in ("BertConfig", "RobertaConfig", "DistilBertConfig")]
+DECODER_CASES = [c for c in CASES if c not in ENCODER_CASES]
+
+
+def pad_id(case: str) -> int:
+    return CASES[case][2]["pad_token_id"]
+
+
+def randomize_weights(model: torch.nn.Module, seed: int = 0, std: float = 0.3) -> None:
+    """Every parameter from N(0, std), except norm gains, which become 1 + N(0, 0.1)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            is_norm = "norm" in type(module).__name__.lower()
+            for name, p in module.named_parameters(recurse=False):
+                noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
+                if is_norm and name == "weight":
+                    p.copy_(1.0 + 0.1 * noise)
+                else:
+                    p.copy_(std * noise)
+
+
+def build_hf_model(case: str, seed: int = 0, **overrides):
+    """A tiny transformers model of `case` in eval mode, fp32, eager attention, weights from N(0, 0.3)."""
+    import transformers as tf
+
+    cls_name, config_name, kwargs = CASES[case]
+    config = getattr(tf, config_name)(**{**kwargs, **overrides})
+    torch.manual_seed(seed)
+    model = getattr(tf, cls_name)._from_config(config, attn_implementation="eager", dtype=torch.float32)
+    randomize_weights(model, seed)
+    model.tie_weights()
+    return model.eval()
+
+
+def save_hf_model(model, path: Path, **save_kwargs) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path, **save_kwargs)
+    return path
+
+
+@pytest.fixture
+def make_hf_model(tmp_path):
+    """make_hf_model(case, seed=0, **config_overrides) -> (hf_model, directory written with save_pretrained)."""
+    counter = iter(range(1_000_000))
+
+    def make(case: str, seed: int = 0, **overrides):
+        model = build_hf_model(case, seed, **overrides)
+        return model, save_hf_model(model, tmp_path / f"{case}-{next(counter)}")
+
+    return make
+
+
+def random_ids(batch: int, length: int, *, seed: int = 0, avoid: int | None = PAD, low: int = 3) -> torch.Tensor:
+    """Token ids in [low, VOCAB) (never the pad id, bos/eos or RoBERTa's specials)."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(low, VOCAB, (batch, length), generator=gen)
+    if avoid is not None:
+        ids[ids == avoid] = low
+    return ids
+
+
+def padded_batch(lengths: list[int], total: int, *, side: str, pad: int, seed: int = 0):
+    """(input_ids, attention_mask) [B, total] of random rows of `lengths`, padded on `side` with `pad`."""
+    ids = random_ids(len(lengths), total, seed=seed)
+    mask = torch.zeros(len(lengths), total, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        if side == "right":
+            mask[row, :n] = 1
+        else:
+            mask[row, total - n:] = 1
+    ids = ids.masked_fill(mask == 0, pad)
+    return ids, mask
+
+
+def left_padded_positions(mask: torch.Tensor) -> torch.Tensor:
+    """position_ids = cumsum(mask) - 1 clamped at 0 (real tokens count from 0 whatever the left padding)."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor, where: torch.Tensor | None = None) -> float:
+    """max |a - b| over positions where `where` [B, T] is true (all positions when None)."""
+    assert a.shape == b.shape, (a.shape, b.shape)
+    d = (a.double() - b.double()).abs()
+    if where is not None:
+        d = d[where.bool()]
+    return float(d.max()) if d.numel() else 0.0
+
+
+MAX_DIFFS: dict[str, float] = {}
+
+
+def record(name: str, diff: float) -> float:
+    """Remember the largest difference seen per test family (printed at the end with -rA / -s)."""
+    MAX_DIFFS[name] = max(MAX_DIFFS.get(name, 0.0), diff)
+    return diff
+
+
+@pytest.fixture(scope="session")
+def tiny() -> SimpleNamespace:
+    """The helpers and constants of this file, for test modules."""
+    return SimpleNamespace(
+        VOCAB=VOCAB, PAD=PAD, SEQ=SEQ, CASES=CASES, ENCODER_CASES=ENCODER_CASES, DECODER_CASES=DECODER_CASES,
+        pad_id=pad_id, randomize_weights=randomize_weights, build_hf_model=build_hf_model,
+        save_hf_model=save_hf_model, random_ids=random_ids, padded_batch=padded_batch,
+        left_padded_positions=left_padded_positions, max_diff=max_diff, record=record,
+    )
+
+
+def pytest_terminal_summary(terminalreporter):
+    if MAX_DIFFS:
+        terminalreporter.write_sep("-", "max abs differences against references")
+        for name, diff in sorted(MAX_DIFFS.items()):
+            terminalreporter.write_line(f"{name:45s} {diff:.3e}")
