@@ -20,8 +20,15 @@ def add_parser(subparsers) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument(
+        "--stop", action="append", default=[], help=r"stop string (repeatable; \n and \t are read as newline and tab)"
+    )
     p.set_defaults(run=run)
+
+
+def unescape(text: str) -> str:
+    """Shell-friendly stop strings: --stop '\\n\\n' means two newlines."""
+    return text.replace("\\n", "\n").replace("\\t", "\t")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -35,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
             top_k=args.top_k,
             top_p=args.top_p,
             seed=args.seed,
-            stop=args.stop,
+            stop=[unescape(s) for s in args.stop],
         )
     except ValueError as e:
         raise TunelabError(str(e)) from None
