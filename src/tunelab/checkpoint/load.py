@@ -90,3 +90,16 @@ def save_pretrained(model: Model, tokenizer: Tokenizer | None, directory: str | 
             generation["pad_token_id"] = model.config.pad_token_id
         (directory / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     return directory
+
+
+def load_tokenizer(source: str | Path) -> Tokenizer:
+    """Only the tokenizer of a registered name, HF directory or GGUF file (no weights are read)."""
+    path = resolve_source(source)
+    if path.is_file():
+        if not _is_gguf(path):
+            raise CheckpointError(f"{path}: not a GGUF file and not a model directory")
+        from tunelab.checkpoint.gguf import read_gguf_metadata
+        from tunelab.tokenizer.gguf import tokenizer_from_gguf_metadata
+
+        return tokenizer_from_gguf_metadata(read_gguf_metadata(path), source=str(path))
+    return Tokenizer.from_dir(path)

@@ -1,0 +1,157 @@
+"""`tunelab eval` and `tunelab predict`: a run or a model, on its validation split or on a data file."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from tunelab.config.loading import apply_overrides, validate
+from tunelab.config.schema import TrainConfig
+from tunelab.errors import ConfigError, TunelabError
+
+TASK_OF_HEAD = {"classifier": "classification", "tagger": "tagging", "qa": "qa", "lm": "causal_lm"}
+
+
+def _source_config(source: str, data: str | None, task: str | None, overrides: list[str]):
+    """(model, tokenizer, config) for a run directory or a bare model plus --data/--task."""
+    from tunelab.train.run import CONFIG_FILE, load_any, load_run
+
+    path = Path(source)
+    if path.is_dir() and (path / CONFIG_FILE).exists() and not (path / "config.json").exists():
+        model, tokenizer, config = load_run(path)
+        raw = config.model_dump(mode="json")
+    else:
+        model, tokenizer = load_any(source)
+        heads = [h for h in model.heads if h in TASK_OF_HEAD]
+        if task is None:
+            if not heads:
+                raise TunelabError(f"{source}: the model has no task head; say which task with --task")
+            task = TASK_OF_HEAD[heads[0]]
+        if data is None:
+            raise TunelabError(f"{source} is a model, not a run: give the data to evaluate with --data FILE")
+        raw = {"output_dir": ".", "model": {"source": source}, "task": {"type": task, "labels": model.config.labels or None},
+               "data": {"train": data}}
+    if data is not None:
+        raw["data"]["train"] = data
+        raw["data"]["validation"] = None
+        raw["data"]["validation_split"] = 0.0
+        raw["data"]["max_train_examples"] = None
+    if task is not None:
+        raw["task"]["type"] = task
+    raw = apply_overrides(raw, overrides)
+    return model, tokenizer, validate(TrainConfig, raw, "eval options"), data is not None
+
+
+def _rows(config: TrainConfig, tokenizer, labels: list[str], use_data_file: bool):
+    """(features, examples) to evaluate: the whole --data file, or the run's own validation split."""
+    from tunelab.train.run import prepare_data
+
+    prepared = prepare_data(config, tokenizer, labels=labels or None)
+    if use_data_file:
+        if config.task.type == "qa":
+            from tunelab.data.qa import encode_qa_eval, read_squad
+
+            examples = [e for p in config.data.train_paths() for e in read_squad(p)]
+            return encode_qa_eval(examples, tokenizer, config.data.max_length, config.data.stride).features, examples
+        if config.task.type == "tagging":
+            from tunelab.data.tagging import load_tagging
+
+            kw = dict(tokens_field=config.data.tokens_field, tags_field=config.data.tags_field)
+            examples = load_tagging(config.data.train_paths(), labels=labels or None, **kw)[0]
+            return prepared.train.features, examples
+        return prepared.train.features, []
+    if prepared.validation is None:
+        raise TunelabError("the run has no validation data; give a file with --data")
+    return prepared.validation.features, prepared.validation_examples
+
+
+def evaluate_source(source: str, *, data: str | None = None, task: str | None = None,
+                    overrides: list[str] | None = None, batch_size: int | None = None) -> dict[str, Any]:
+    """The task's metrics (with `loss`) of a run or model on its validation data or on `data`."""
+    import torch
+
+    from tunelab.train.tasks import make_step
+    from tunelab.train.trainer import autocast_context, resolve_precision
+
+    model, tokenizer, config, use_file = _source_config(source, data, task, overrides or [])
+    labels = list(model.config.labels or [])
+    features, examples = _rows(config, tokenizer, labels, use_file)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    step = make_step(config.task.type, labels=labels, examples=examples,
+                     max_answer_length=config.task.max_answer_length, pad_token_id=pad)
+    device = next(model.parameters()).device
+    autocast = autocast_context(resolve_precision(config.train.precision, device), device)
+    with torch.inference_mode():
+        metrics = step.evaluate(model, features, batch_size or config.train.eval_batch_size or config.train.batch_size,
+                                autocast)
+    if config.task.type == "qa" and "loss" not in metrics:
+        metrics = {"loss": _qa_loss(step, model, config, tokenizer, examples, autocast), **metrics}
+    return metrics
+
+
+def _qa_loss(step, model, config, tokenizer, examples, autocast) -> float:
+    from tunelab.data.qa import encode_qa_train
+
+    rows = encode_qa_train(examples, tokenizer, config.data.max_length, config.data.stride).features
+    _, loss, count = step.outputs(model, rows, config.train.eval_batch_size or config.train.batch_size, autocast)
+    return loss / max(1, count)
+
+
+def predict_source(source: str, data: str, out: str, *, task: str | None = None,
+                   overrides: list[str] | None = None, batch_size: int | None = None) -> int:
+    """Write one JSON line of predictions per input example to `out`; returns the count."""
+    from tunelab.train.tasks import make_step
+    from tunelab.train.trainer import autocast_context, resolve_precision
+
+    model, tokenizer, config, _ = _source_config(source, data, task, overrides or [])
+    labels = list(model.config.labels or [])
+    kind = config.task.type
+    if kind in ("causal_lm", "chat"):
+        raise ConfigError(f"predict writes task predictions; for a {kind} model use `tunelab generate`")
+    raw = config.model_dump(mode="json")
+    if kind in ("classification", "tagging"):
+        raw["data"]["label_field" if kind == "classification" else "tags_field"] = None
+    config = validate(TrainConfig, raw, "predict options")
+    features, examples = _predict_rows(config, tokenizer, labels)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    step = make_step(kind, labels=labels, examples=examples, max_answer_length=config.task.max_answer_length,
+                     pad_token_id=pad)
+    device = next(model.parameters()).device
+    autocast = autocast_context(resolve_precision(config.train.precision, device), device)
+    predictions = step.predict(model, features, batch_size or config.train.batch_size, autocast)
+    if kind == "qa":
+        records = [{"id": e.id, "question": e.question, "answer": predictions.get(e.id, "")} for e in examples]
+    elif kind == "tagging":
+        records = [{"tokens": e.tokens, "tags": tags} for e, tags in zip(examples, predictions)]
+    else:
+        records = [{"text": e.text, **({"text_pair": e.pair} if e.pair is not None else {}), **p}
+                   for e, p in zip(examples, predictions)]
+    out_path = Path(out)
+    tmp = out_path.with_name(f".{out_path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    os.replace(tmp, out_path)
+    return len(records)
+
+
+def _predict_rows(config: TrainConfig, tokenizer, labels):
+    d, kind = config.data, config.task.type
+    if kind == "classification":
+        from tunelab.data.classification import encode_classification, load_classification
+
+        examples, _ = load_classification(d.train_paths(), format=d.format, text_field=d.text_field,
+                                          pair_field=d.text_pair_field, label_field=None)
+        return encode_classification(examples, tokenizer, d.max_length).features, examples
+    if kind == "tagging":
+        from tunelab.data.tagging import encode_tagging, load_tagging
+
+        examples, _ = load_tagging(d.train_paths(), tokens_field=d.tokens_field, tags_field=None, tag_column=None,
+                                   labels=labels)
+        return encode_tagging(examples, tokenizer, labels, d.max_length).features, examples
+    from tunelab.data.qa import encode_qa_eval, read_squad
+
+    examples = [e for p in d.train_paths() for e in read_squad(p)]
+    return encode_qa_eval(examples, tokenizer, d.max_length, d.stride).features, examples

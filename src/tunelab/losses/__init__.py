@@ -1,0 +1,9 @@
+"""Loss functions as pure tensor functions (this package imports nothing from tunelab).
+
+Every loss returns the SUM over its targets together with the number of targets, so the trainer can
+normalise by the targets of the whole accumulated batch (batch 8 == 4 x 2 accumulation).
+"""
+
+from tunelab.losses.cross_entropy import chunked_lm_loss, classification_loss, span_loss, token_loss
+
+__all__ = ["chunked_lm_loss", "classification_loss", "span_loss", "token_loss"]

@@ -1,0 +1,67 @@
+"""Cross-entropy losses for classification, tagging, extractive QA and language modelling."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = -100
+
+
+def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Summed CE over examples: logits [B, C], labels [B]."""
+    return F.cross_entropy(logits.float(), labels, reduction="sum"), int(labels.numel())
+
+
+def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Summed CE over labelled tokens (label -100 ignored): logits [B, T, C], labels [B, T]."""
+    count = int((labels != IGNORE).sum())
+    loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")
+    return loss, count
+
+
+def span_loss(logits: torch.Tensor, start: torch.Tensor, end: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Extractive QA: (CE(start) + CE(end)) / 2 summed over examples (Devlin et al. 2019, sec. 4.2).
+
+    logits [B, T, 2]; start, end [B] token positions (clamped into the sequence, as positions past it
+    mean the answer was truncated away).
+    """
+    T = logits.shape[1]
+    start, end = start.clamp(0, T - 1), end.clamp(0, T - 1)
+    start_logits, end_logits = logits.float().unbind(dim=-1)  # [B, T] each
+    loss = F.cross_entropy(start_logits, start, reduction="sum") + F.cross_entropy(end_logits, end, reduction="sum")
+    return loss / 2, int(start.numel())
+
+
+def chunked_lm_loss(
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    head: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    chunk_size: int = 1024,
+) -> tuple[torch.Tensor, int]:
+    """Next-token CE summed over targets, never materialising [B, T, V] logits.
+
+    hidden [B, T, D] predicts labels shifted by one: position t is scored against labels[:, t + 1].
+    Only positions with a target are projected to the vocabulary, `chunk_size` rows at a time, and
+    each chunk's logits are recomputed in the backward pass (checkpointing), so peak memory holds one
+    chunk of [chunk_size, V] logits instead of the whole batch's.
+    """
+    targets = labels[:, 1:]  # [B, T-1]
+    keep = targets != IGNORE
+    count = int(keep.sum())
+    if count == 0:
+        return hidden.sum() * 0.0, 0
+    rows = hidden[:, :-1][keep]  # [N, D]: only positions that have a target
+    flat_targets = targets[keep]  # [N]
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, rows.shape[0], chunk_size):
+        h, y = rows[start : start + chunk_size], flat_targets[start : start + chunk_size]
+        total = total + torch.utils.checkpoint.checkpoint(_chunk_ce, h, y, head, use_reentrant=False)
+    return total, count
+
+
+def _chunk_ce(h: torch.Tensor, y: torch.Tensor, head) -> torch.Tensor:
+    return F.cross_entropy(head(h).float(), y, reduction="sum")

@@ -1,0 +1,368 @@
+"""A training run from a TrainConfig: data, model, method, trainer, final model, report.
+
+Run directory:
+    config.yaml        the resolved config (what `--resume` and `tunelab eval RUN` read back)
+    env.json           versions and machine
+    metrics.jsonl      train and validation metrics, one JSON object per line
+    tensorboard/       TensorBoard event files
+    checkpoint-N/      resumable checkpoints (trained weights, optimizer, scheduler, RNG, data position)
+    checkpoint-best/   weights of the best evaluation so far
+    model/             the final model as a Hugging Face directory (full and freeze)
+    adapter/           the final adapter in PEFT's format, with the tokenizer (lora, dora, qlora)
+    metrics.json       the final validation metrics; report.md and plots/ with the curves
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tunelab.config.loading import dump_config, load_config, read_yaml, validate
+from tunelab.config.schema import TrainConfig
+from tunelab.errors import ConfigError, DataError, TunelabError
+
+CONFIG_FILE = "config.yaml"
+
+
+@dataclass
+class PreparedData:
+    """What a task needs, encoded: training rows, validation rows, label names, validation examples."""
+
+    train: Any  # EncodedDataset
+    validation: Any | None
+    labels: list[str] = field(default_factory=list)
+    validation_examples: list = field(default_factory=list)
+    train_examples: int = 0
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def _limit(items: list, n: int | None) -> list:
+    return items if n is None else items[:n]
+
+
+def _split(config: TrainConfig, train: list, validation: list | None, splitter=None):
+    d = config.data
+    if validation is not None:
+        return train, validation
+    if d.validation_split <= 0:
+        return train, []
+    from tunelab.data.readers import split_train_validation
+
+    return (splitter or split_train_validation)(train, d.validation_split, config.train.seed)
+
+
+def prepare_data(config: TrainConfig, tokenizer, *, labels: list[str] | None = None) -> PreparedData:
+    """Read, split and encode the config's data for its task."""
+    task, d = config.task, config.data
+    labels = labels or task.labels
+    train_paths, val_paths = d.train_paths(), d.validation_paths()
+    fmt = d.format
+    if task.type == "classification":
+        from tunelab.data.classification import encode_classification, load_classification
+
+        kw = dict(format=fmt, text_field=d.text_field, pair_field=d.text_pair_field, label_field=d.label_field)
+        train, labels = load_classification(train_paths, labels=labels, **kw)
+        validation = load_classification(val_paths, labels=labels, **kw)[0] if val_paths else None
+        train, validation = _split(config, train, validation)
+        train, validation = _limit(train, d.max_train_examples), _limit(validation, d.max_validation_examples)
+        encode = lambda ex: encode_classification(ex, tokenizer, d.max_length)  # noqa: E731
+        return PreparedData(encode(train), encode(validation) if validation else None, labels, validation, len(train))
+    if task.type == "tagging":
+        from tunelab.data.tagging import encode_tagging, load_tagging
+
+        kw = dict(format="auto" if fmt == "conll" else fmt, tokens_field=d.tokens_field, tags_field=d.tags_field)
+        train, labels = load_tagging(train_paths, labels=labels, **kw)
+        validation = load_tagging(val_paths, labels=labels, **kw)[0] if val_paths else None
+        train, validation = _split(config, train, validation)
+        train, validation = _limit(train, d.max_train_examples), _limit(validation, d.max_validation_examples)
+        encode = lambda ex: encode_tagging(ex, tokenizer, labels, d.max_length, label_all_subwords=task.label_all_subwords)  # noqa: E731
+        return PreparedData(encode(train), encode(validation) if validation else None, labels, validation, len(train))
+    if task.type == "qa":
+        from tunelab.data.qa import encode_qa_eval, encode_qa_train, read_squad, split_by_article
+
+        train = [e for p in train_paths for e in read_squad(p)]
+        validation = [e for p in val_paths for e in read_squad(p)] if val_paths else None
+        train, validation = _split(config, train, validation, splitter=split_by_article)
+        train, validation = _limit(train, d.max_train_examples), _limit(validation, d.max_validation_examples)
+        train_rows = encode_qa_train(train, tokenizer, d.max_length, d.stride)
+        val_rows = encode_qa_eval(validation, tokenizer, d.max_length, d.stride) if validation else None
+        return PreparedData(train_rows, val_rows, [], validation, len(train))
+    if task.type == "chat":
+        from tunelab.data.chat import encode_chat, load_chat
+
+        chat_format = fmt if fmt in ("alpaca", "sharegpt", "messages") else "auto"
+        file_format = fmt if chat_format == "auto" else "auto"
+        train = load_chat(train_paths, format=chat_format, file_format=file_format)
+        validation = load_chat(val_paths, format=chat_format, file_format=file_format) if val_paths else None
+        train, validation = _split(config, train, validation)
+        train, validation = _limit(train, d.max_train_examples), _limit(validation, d.max_validation_examples)
+        encode = lambda ex: encode_chat(ex, tokenizer, d.max_length, train_on=task.train_on)  # noqa: E731
+        return PreparedData(encode(train), encode(validation) if validation else None, [], validation, len(train))
+    if task.type == "causal_lm":
+        from tunelab.data.text import encode_causal_lm, load_text
+
+        train = load_text(train_paths, format=fmt, text_field=d.text_field)
+        validation = load_text(val_paths, format=fmt, text_field=d.text_field) if val_paths else None
+        train, validation = _split(config, train, validation)
+        encode = lambda docs: encode_causal_lm(docs, tokenizer, d.max_length, packing=d.packing)  # noqa: E731
+        return PreparedData(encode(train), encode(validation) if validation else None, [], validation, len(train))
+    raise ConfigError(f"task.type {task.type!r} is not trainable yet")
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+HEAD_OF_TASK = {"classification": "classifier", "tagging": "tagger", "qa": "qa", "causal_lm": "lm", "chat": "lm"}
+
+
+def prepare_model(config: TrainConfig, labels: list[str]):
+    """The model (with exactly the task's head) and tokenizer; the method applied."""
+    from tunelab.models.registry import make_head
+
+    model, tokenizer = load_any(config.model.source, dtype=config.model.dtype)
+    head = HEAD_OF_TASK[config.task.type]
+    if labels:
+        if head in model.heads and list(model.config.labels) != list(labels):
+            del model.heads[head]  # a head trained for other labels: start a fresh one
+        model.config.labels = list(labels)
+    if head == "lm" and "lm" not in model.heads:
+        raise ConfigError(f"model.source {config.model.source}: this model has no language-model head; "
+                          f"task {config.task.type} needs a decoder with one")
+    if head not in model.heads:
+        model.add_head(head, make_head(model.config, head, len(labels) if labels else None).to(
+            next(model.parameters()).dtype))
+    for name in [n for n in model.heads if n != head]:
+        del model.heads[name]
+    apply_method(model, config)
+    return model, tokenizer
+
+
+def apply_method(model, config: TrainConfig) -> None:
+    method = config.method
+    head = HEAD_OF_TASK[config.task.type]
+    if method.type == "full":
+        return
+    if method.type == "freeze":
+        from tunelab.peft.freeze import freeze
+
+        freeze(model, embeddings=method.freeze_embeddings, first_n_layers=method.freeze_layers)
+        return
+    from tunelab.peft import LoraSettings, apply_lora
+
+    lora = method.lora
+    new_head = [] if head == "lm" else [f"heads.{head}"]
+    apply_lora(model, LoraSettings(
+        r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=list(lora.target_modules),
+        rslora=lora.rslora, dora=method.type == "dora", quantize_base=method.type == "qlora",
+        modules_to_save=new_head,
+    ))
+
+
+def load_any(source: str, *, dtype=None):
+    """A model and tokenizer from a registered name, HF directory, GGUF file or tunelab run directory."""
+    path = Path(source).expanduser()
+    if path.is_dir() and (path / CONFIG_FILE).exists() and not (path / "config.json").exists():
+        return load_run(path, dtype=dtype)[:2]
+    from tunelab.checkpoint.load import load
+
+    return load(source, dtype=dtype)
+
+
+def load_any_tokenizer(source: str):
+    """The tokenizer of any model source, without reading weights (except for run directories)."""
+    path = Path(source).expanduser()
+    if path.is_dir() and (path / CONFIG_FILE).exists() and not (path / "config.json").exists():
+        from tunelab.tokenizer import Tokenizer
+
+        for sub in ("model", "adapter"):
+            if (path / sub / "tokenizer.json").exists():
+                return Tokenizer.from_dir(path / sub)
+        return load_any_tokenizer(resume_config(path).model.source)
+    from tunelab.checkpoint.load import load_tokenizer
+
+    return load_tokenizer(source)
+
+
+def load_run(run_dir: str | Path, *, dtype=None):
+    """(model, tokenizer, config) of a finished run: its model/ directory, or its base + adapter/."""
+    run_dir = Path(run_dir)
+    config = validate(TrainConfig, read_yaml(run_dir / CONFIG_FILE), str(run_dir / CONFIG_FILE))
+    from tunelab.checkpoint.load import load
+
+    if (run_dir / "model").is_dir():
+        model, tokenizer = load(run_dir / "model", dtype=dtype or config.model.dtype)
+        return model, tokenizer, config
+    if (run_dir / "adapter").is_dir():
+        from tunelab.peft import load_peft_adapter
+        from tunelab.tokenizer import Tokenizer
+
+        model, tokenizer = load_any(config.model.source, dtype=dtype or config.model.dtype)
+        labels = json.loads((run_dir / "labels.json").read_text()) if (run_dir / "labels.json").exists() else []
+        head = HEAD_OF_TASK[config.task.type]
+        if labels:
+            from tunelab.models.registry import make_head
+
+            model.config.labels = labels
+            if head in model.heads:
+                del model.heads[head]
+            model.add_head(head, make_head(model.config, head, len(labels)))
+        for name in [n for n in model.heads if n != head]:
+            del model.heads[name]
+        load_peft_adapter(model, run_dir / "adapter")
+        if (run_dir / "adapter" / "tokenizer.json").exists():
+            tokenizer = Tokenizer.from_dir(run_dir / "adapter")
+        return model.eval(), tokenizer, config
+    raise TunelabError(f"{run_dir}: the run has no final model yet (no model/ or adapter/); "
+                       f"resume it with `tunelab train --resume {run_dir}`")
+
+
+# ---------------------------------------------------------------------------------------------- run
+
+
+def environment() -> dict:
+    import tunelab
+
+    return {
+        "tunelab": tunelab.__version__,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "processor": platform.processor(),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "argv": sys.argv,
+    }
+
+
+def load_train_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+    return load_config(TrainConfig, path, overrides)
+
+
+def resume_config(run_dir: str | Path) -> TrainConfig:
+    run_dir = Path(run_dir)
+    if not (run_dir / CONFIG_FILE).exists():
+        raise TunelabError(f"{run_dir}: not a run directory (no {CONFIG_FILE})")
+    return validate(TrainConfig, read_yaml(run_dir / CONFIG_FILE), str(run_dir / CONFIG_FILE))
+
+
+def train(config: TrainConfig, *, resume: bool = False, show_progress: bool = True, log=print) -> dict:
+    """Train as the config says; returns the final validation metrics. Writes everything to output_dir."""
+    from tunelab.data.collate import pad_collate
+    from tunelab.data.samplers import LengthGroupedSampler, RandomBatchSampler
+    from tunelab.train.tasks import make_step
+    from tunelab.train.trainer import Batches, Trainer
+
+    run_dir = Path(config.output_dir)
+    if not resume and run_dir.exists() and any(run_dir.glob("checkpoint-*")):
+        raise TunelabError(f"{run_dir}: output_dir already holds a run; resume it with "
+                           f"`tunelab train --resume {run_dir}` or choose another output_dir")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if config.train.num_threads:
+        torch.set_num_threads(config.train.num_threads)
+    seed_everything(config.train.seed)
+
+    data = prepare_data(config, load_any_tokenizer(config.model.source))
+    seed_everything(config.train.seed)
+    model, tokenizer = prepare_model(config, data.labels)
+    if not data.train.features:
+        raise DataError(f"{config.data.train}: no training rows after encoding ({data.train.summary()})")
+    log(f"train: {data.train.summary()}" + (f"; validation: {data.validation.summary()}" if data.validation else ""))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log(f"model: {config.model.source} ({model.config.model_type}), {model.num_parameters() / 1e6:.1f}M parameters, "
+        f"{trainable / 1e6:.2f}M trainable ({config.method.type})")
+
+    dump_config(config, run_dir / CONFIG_FILE)
+    (run_dir / "env.json").write_text(json.dumps(environment(), indent=2) + "\n")
+    if data.labels:
+        (run_dir / "labels.json").write_text(json.dumps(data.labels) + "\n")
+
+    s = config.train
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    step = make_step(config.task.type, labels=data.labels, examples=data.validation_examples,
+                     max_answer_length=config.task.max_answer_length, pad_token_id=pad_id)
+    lengths = data.train.lengths
+    if s.group_by_length:
+        sampler = LengthGroupedSampler(lengths, s.batch_size, seed=s.seed)
+    else:
+        sampler = RandomBatchSampler(len(lengths), s.batch_size, seed=s.seed)
+
+    def make_sampler(epoch: int, start_batch: int):
+        sampler.set_epoch(epoch, min(start_batch, sampler.num_batches))
+        return sampler
+
+    batches = Batches(data.train.features, make_sampler, lambda rows: pad_collate(rows, pad_token_id=pad_id))
+    eval_rows = data.validation.features if data.validation is not None else None
+    trainer = Trainer(model, step, batches, eval_rows, s, run_dir, show_progress=show_progress)
+    if resume:
+        if trainer.resume():
+            log(f"resumed from step {trainer.state.global_step} (epoch {trainer.state.epoch})")
+        _trim_metrics(run_dir / "metrics.jsonl", trainer.state.global_step)
+    final = trainer.fit()
+    save_final(model, tokenizer, config, run_dir)
+    (run_dir / "metrics.json").write_text(json.dumps(final, indent=2) + "\n")
+    write_run_report(run_dir, config, final, trainer)
+    return final
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """Drop metric lines past the resumed step (they are logged again) and any half-written last line."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("step", 0) <= step:
+            kept.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def save_final(model, tokenizer, config: TrainConfig, run_dir: Path) -> Path:
+    if config.method.type in ("lora", "dora", "qlora"):
+        from tunelab.peft import save_peft_adapter
+
+        out = save_peft_adapter(model, run_dir / "adapter", base_model=config.model.source)
+        tokenizer.save(out)
+        return out
+    from tunelab.checkpoint.load import save_pretrained
+
+    return save_pretrained(model, tokenizer, run_dir / "model")
+
+
+def write_run_report(run_dir: Path, config: TrainConfig, final: dict, trainer) -> Path:
+    from tunelab.evaluate.report import write_report
+
+    best = None
+    if trainer.state.best_step is not None:
+        best = {"step": trainer.state.best_step, "metric": trainer.metric, "value": trainer.state.best_metric}
+    if "confusion_matrix" in final and getattr(trainer.task, "labels", None):
+        from tunelab.evaluate.plots import plot_confusion_matrix
+
+        (run_dir / "plots").mkdir(exist_ok=True)
+        plot_confusion_matrix(final["confusion_matrix"], trainer.task.labels, run_dir / "plots" / "confusion_matrix.png")
+    summary = {"model": config.model.source, "task": config.task.type, "method": config.method.type,
+               "train": config.data.train, "batch_size": config.train.batch_size, "grad_accum": config.train.grad_accum,
+               "lr": config.train.lr, "steps": trainer.state.global_step, "precision": str(trainer.amp_dtype or "fp32")}
+    return write_report(run_dir, title=f"tunelab run: {run_dir.name}", task=config.task.type, final_metrics=final,
+                        best=best, config_summary=summary, history_path=run_dir / "metrics.jsonl")

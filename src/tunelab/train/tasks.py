@@ -1,0 +1,225 @@
+"""Each task's step: the head it trains, its loss on a batch, and its evaluation with the task's metrics.
+
+The Trainer calls num_targets / loss / evaluate; `predict` serves `tunelab predict` and `tunelab eval`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import torch
+
+from tunelab.data.collate import pad_collate
+from tunelab.evaluate import metrics as M
+from tunelab.losses import chunked_lm_loss, classification_loss, span_loss, token_loss
+from tunelab.models.base import Model
+
+Autocast = Callable[[], Any]
+
+
+def _inputs(batch: dict) -> dict:
+    keys = ("attention_mask", "token_type_ids", "position_ids", "document_ids")
+    return {k: batch[k] for k in keys if k in batch}
+
+
+def iterate_batches(features: Sequence[dict], batch_size: int, pad_token_id: int):
+    """Evaluation batches in length order (little padding); yields (indices, collated batch)."""
+    order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
+    for start in range(0, len(order), batch_size):
+        indices = order[start : start + batch_size]
+        yield indices, pad_collate([features[i] for i in indices], pad_token_id=pad_token_id)
+
+
+class TaskStep:
+    """Shared machinery; subclasses set `head`, `main_metric`, `greater_is_better` and the three steps."""
+
+    head = ""
+    main_metric = "loss"
+    greater_is_better = False
+
+    def __init__(self, pad_token_id: int = 0) -> None:
+        self.pad_token_id = pad_token_id
+
+    def forward(self, model: Model, batch: dict) -> torch.Tensor:
+        inputs = {k: v for k, v in _inputs(batch).items() if k != "attention_mask"}
+        out = model(batch["input_ids"], batch.get("attention_mask"), heads=(self.head,), **inputs)
+        return out.logits[self.head]
+
+    @torch.inference_mode()
+    def outputs(self, model: Model, features: Sequence[dict], batch_size: int, autocast: Autocast):
+        """(per-feature logits in feature order, summed loss, targets) over `features`."""
+        model.eval()
+        device = next(model.parameters()).device
+        rows: list[Any] = [None] * len(features)
+        loss_total, targets = 0.0, 0
+        for indices, batch in iterate_batches(features, batch_size, self.pad_token_id):
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            with autocast():
+                logits = self.forward(model, batch)
+                if self.has_targets(batch):
+                    loss, count = self.loss_from_logits(logits, batch)
+                    loss_total, targets = loss_total + float(loss), targets + count
+            logits = logits.float().cpu()
+            for row, i in enumerate(indices):
+                rows[i] = self.feature_output(logits[row], features[i])
+        return rows, loss_total, targets
+
+    def has_targets(self, batch: dict) -> bool:
+        return "labels" in batch
+
+    def feature_output(self, logits_row: torch.Tensor, feature: dict) -> Any:
+        return logits_row
+
+    def num_targets(self, batch: dict) -> int:
+        raise NotImplementedError
+
+    def loss(self, model: Model, batch: dict) -> tuple[torch.Tensor, int]:
+        return self.loss_from_logits(self.forward(model, batch), batch)
+
+    def loss_from_logits(self, logits: torch.Tensor, batch: dict) -> tuple[torch.Tensor, int]:
+        raise NotImplementedError
+
+
+class ClassificationStep(TaskStep):
+    head, main_metric, greater_is_better = "classifier", "accuracy", True
+
+    def __init__(self, labels: list[str], pad_token_id: int = 0) -> None:
+        super().__init__(pad_token_id)
+        self.labels = labels
+
+    def num_targets(self, batch: dict) -> int:
+        return int(batch["labels"].numel())
+
+    def loss_from_logits(self, logits, batch):
+        return classification_loss(logits, batch["labels"])
+
+    def evaluate(self, model, features, batch_size, autocast) -> dict:
+        rows, loss, count = self.outputs(model, features, batch_size, autocast)
+        predictions = [int(r.argmax()) for r in rows]
+        references = [f["labels"] for f in features]
+        result = M.classification_metrics(predictions, references, self.labels)
+        return {"loss": loss / max(1, count), **result}
+
+    def predict(self, model, features, batch_size, autocast) -> list[dict]:
+        rows, _, _ = self.outputs(model, features, batch_size, autocast)
+        out = []
+        for r in rows:
+            probs = r.softmax(-1)
+            best = int(probs.argmax())
+            out.append({"label": self.labels[best], "score": float(probs[best]),
+                        "scores": {name: float(p) for name, p in zip(self.labels, probs)}})
+        return out
+
+
+class TaggingStep(TaskStep):
+    head, main_metric, greater_is_better = "tagger", "f1", True
+
+    def __init__(self, labels: list[str], examples=None, pad_token_id: int = 0) -> None:
+        super().__init__(pad_token_id)
+        self.labels = labels
+        self.examples = examples or []  # one feature per example, in order; gold tags come from here
+
+    def num_targets(self, batch: dict) -> int:
+        return int((batch["labels"] != -100).sum())
+
+    def loss_from_logits(self, logits, batch):
+        return token_loss(logits, batch["labels"])
+
+    def feature_output(self, logits_row, feature):
+        return logits_row[: len(feature["input_ids"])].argmax(-1).tolist()
+
+    def evaluate(self, model, features, batch_size, autocast) -> dict:
+        from tunelab.data.tagging import align_predictions
+
+        rows, loss, count = self.outputs(model, features, batch_size, autocast)
+        predicted = align_predictions(rows, features, self.labels)
+        gold = [list(e.tags) for e in self.examples]
+        # seqeval's default mode: the conlleval definition that published CoNLL-2003 F1 scores use
+        result = M.span_metrics(predicted, gold, scheme=None)
+        return {"loss": loss / max(1, count), **result}
+
+    def predict(self, model, features, batch_size, autocast) -> list[list[str]]:
+        from tunelab.data.tagging import align_predictions
+
+        rows, _, _ = self.outputs(model, features, batch_size, autocast)
+        return align_predictions(rows, features, self.labels)
+
+
+class QAStep(TaskStep):
+    head, main_metric, greater_is_better = "qa", "f1", True
+
+    def __init__(self, examples=None, max_answer_length: int = 30, pad_token_id: int = 0) -> None:
+        super().__init__(pad_token_id)
+        self.examples = examples or []
+        self.max_answer_length = max_answer_length
+
+    def has_targets(self, batch):
+        return "start_positions" in batch
+
+    def num_targets(self, batch: dict) -> int:
+        return int(batch["start_positions"].numel())
+
+    def loss_from_logits(self, logits, batch):
+        return span_loss(logits, batch["start_positions"], batch["end_positions"])
+
+    def feature_output(self, logits_row, feature):
+        n = len(feature["input_ids"])
+        return logits_row[:n, 0].tolist(), logits_row[:n, 1].tolist()
+
+    def answers(self, model, features, batch_size, autocast) -> dict[str, str]:
+        from tunelab.data.qa import postprocess_qa
+
+        rows, _, _ = self.outputs(model, features, batch_size, autocast)
+        return postprocess_qa(
+            self.examples, features, [r[0] for r in rows], [r[1] for r in rows], max_answer_length=self.max_answer_length
+        )
+
+    def evaluate(self, model, features, batch_size, autocast) -> dict:
+        predictions = self.answers(model, features, batch_size, autocast)
+        references = {e.id: [a["text"] for a in e.answers] for e in self.examples}
+        return M.qa_metrics(predictions, references)
+
+    def predict(self, model, features, batch_size, autocast) -> dict[str, str]:
+        return self.answers(model, features, batch_size, autocast)
+
+
+class CausalLMStep(TaskStep):
+    """Next-token prediction (plain text, or chat with the loss on assistant tokens only)."""
+
+    head, main_metric, greater_is_better = "lm", "loss", False
+
+    def num_targets(self, batch: dict) -> int:
+        return int((batch["labels"][:, 1:] != -100).sum())
+
+    def loss(self, model, batch):
+        out = model(batch["input_ids"], batch.get("attention_mask"), heads=(),
+                    **{k: v for k, v in _inputs(batch).items() if k != "attention_mask"})
+        return chunked_lm_loss(out.hidden, batch["labels"], model.heads["lm"])
+
+    @torch.inference_mode()
+    def evaluate(self, model, features, batch_size, autocast) -> dict:
+        model.eval()
+        device = next(model.parameters()).device
+        total, count = 0.0, 0
+        for _, batch in iterate_batches(features, batch_size, self.pad_token_id):
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            with autocast():
+                loss, n = self.loss(model, batch)
+            total, count = total + float(loss), count + n
+        mean = total / max(1, count)
+        return {"loss": mean, "perplexity": M.perplexity(mean), "tokens": count}
+
+
+def make_step(task_type: str, *, labels=None, examples=None, max_answer_length=30, pad_token_id=0) -> TaskStep:
+    if task_type == "classification":
+        return ClassificationStep(labels, pad_token_id)
+    if task_type == "tagging":
+        return TaggingStep(labels, examples, pad_token_id)
+    if task_type == "qa":
+        return QAStep(examples, max_answer_length, pad_token_id)
+    if task_type in ("causal_lm", "chat"):
+        return CausalLMStep(pad_token_id)
+    raise ValueError(f"unknown task type {task_type!r}")
+
+

@@ -1,0 +1,264 @@
+"""One Trainer for every task: each task supplies its step (loss and evaluation); the loop owns the rest.
+
+The loss of an optimizer step is normalised over the targets (tokens or examples) of the whole
+accumulated batch, so batch_size 8 gives the same update as batch_size 4 with grad_accum 2.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import torch
+from tqdm.auto import tqdm
+
+from tunelab.config.schema import TrainSection
+from tunelab.train.checkpointing import (
+    TrainerState,
+    list_checkpoints,
+    load_checkpoint,
+    load_model_weights,
+    prune_checkpoints,
+    save_checkpoint,
+)
+from tunelab.train.logging import MetricsLog
+from tunelab.train.optim import build_optimizer, build_scheduler
+
+BEST = "checkpoint-best"
+
+
+class TaskStep(Protocol):
+    """What a task gives the trainer."""
+
+    main_metric: str
+    greater_is_better: bool
+
+    def num_targets(self, batch: dict) -> int: ...
+
+    def loss(self, model, batch: dict) -> tuple[torch.Tensor, int]: ...
+
+    def evaluate(self, model, features: list[dict], batch_size: int, autocast) -> dict[str, Any]: ...
+
+
+@dataclass
+class Batches:
+    """The training data as the loop sees it: features, a batch sampler factory, a collate function."""
+
+    features: list[dict]
+    make_sampler: Callable[[int, int], Any]  # (epoch, start_batch) -> iterable of index lists with len()
+    collate: Callable[[list[dict]], dict]
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype: None for fp32; 'auto' picks bf16 where the CPU or GPU computes it natively."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    return torch.bfloat16 if _cpu_has_native_bf16() else None
+
+
+def _cpu_has_native_bf16() -> bool:
+    check = getattr(torch.backends.mkldnn, "is_bf16_supported", None) or getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    try:
+        return bool(check()) if check else False
+    except Exception:
+        return False
+
+
+def autocast_context(dtype: torch.dtype | None, device: torch.device):
+    if dtype is None:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
+
+
+class Trainer:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        task: TaskStep,
+        train: Batches,
+        eval_features: list[dict] | None,
+        settings: TrainSection,
+        run_dir: Path,
+        *,
+        on_evaluate: Callable[[int, dict], None] | None = None,
+        show_progress: bool = True,
+    ) -> None:
+        self.model, self.task, self.train_data, self.eval_features = model, task, train, eval_features
+        self.settings, self.run_dir = settings, Path(run_dir)
+        self.device = next(model.parameters()).device
+        self.amp_dtype = resolve_precision(settings.precision, self.device)
+        self.autocast = autocast_context(self.amp_dtype, self.device)
+        self.batches_per_epoch = len(train.make_sampler(0, 0))  # a fresh epoch: start_batch 0
+        self.steps_per_epoch = max(1, math.ceil(self.batches_per_epoch / settings.grad_accum))
+        if settings.max_steps is not None:
+            self.total_steps = settings.max_steps
+        else:
+            self.total_steps = max(1, math.ceil(settings.epochs * self.steps_per_epoch))
+        self.optimizer = build_optimizer(model, settings.lr, settings.weight_decay, settings.betas)
+        self.scheduler = build_scheduler(self.optimizer, settings.schedule, settings.warmup, self.total_steps)
+        self.state = TrainerState()
+        self.metric = settings.metric or task.main_metric
+        self.greater = settings.greater_is_better
+        if self.greater is None:
+            self.greater = task.greater_is_better if self.metric == task.main_metric else self.metric not in ("loss", "perplexity")
+        self.on_evaluate = on_evaluate
+        self.show_progress = show_progress
+        self.final_metrics: dict[str, Any] = {}
+        self.best_metrics: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ resume
+
+    def resume(self) -> bool:
+        """Continue from the newest complete checkpoint of the run directory; False when there is none."""
+        checkpoints = list_checkpoints(self.run_dir)
+        if not checkpoints:
+            return False
+        self.state = load_checkpoint(checkpoints[-1], self.model, self.optimizer, self.scheduler)
+        return True
+
+    # ------------------------------------------------------------------ loop
+
+    def fit(self) -> dict[str, Any]:
+        s, state = self.settings, self.state
+        self.model.train()
+        log = MetricsLog(self.run_dir)
+        progress = tqdm(
+            total=self.total_steps, initial=state.global_step, desc="train", unit="step",
+            disable=not self.show_progress, dynamic_ncols=True,
+        )
+        window_loss, window_targets, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
+        stop = state.global_step >= self.total_steps
+        try:
+            while not stop:
+                sampler = self.train_data.make_sampler(state.epoch, state.batch_in_epoch)
+                batches = iter(sampler)
+                while True:
+                    group = []
+                    for _ in range(s.grad_accum):
+                        indices = next(batches, None)
+                        if indices is None:
+                            break
+                        group.append(self.train_data.collate([self.train_data.features[i] for i in indices]))
+                    if not group:
+                        break
+                    loss_sum, targets, tokens = self._optimizer_step(group)
+                    state.batch_in_epoch += len(group)
+                    state.global_step += 1
+                    state.tokens_seen += tokens
+                    window_loss += loss_sum
+                    window_targets += targets
+                    window_tokens += tokens
+                    progress.update(1)
+                    if state.global_step % s.logging_steps == 0 or state.global_step == self.total_steps:
+                        elapsed = time.perf_counter() - window_start
+                        values = {
+                            "loss": window_loss / max(1, window_targets),
+                            "lr": self.scheduler.get_last_lr()[0],
+                            "tokens_per_second": window_tokens / max(elapsed, 1e-9),
+                            "epoch": state.epoch + state.batch_in_epoch / max(1, self.batches_per_epoch),
+                        }
+                        log.log(state.global_step, "train", values)
+                        progress.set_postfix(
+                            loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}", tok_s=f"{values['tokens_per_second']:.0f}"
+                        )
+                        window_loss, window_targets, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
+                    last = state.global_step >= self.total_steps
+                    if s.eval_steps and state.global_step % s.eval_steps == 0 and not last:
+                        if self._evaluate(log):
+                            stop = True
+                    if s.save_steps and state.global_step % s.save_steps == 0 and not last:
+                        self._save()
+                    if last or stop:
+                        stop = True
+                        break
+                if not stop:
+                    state.epoch += 1
+                    state.batch_in_epoch = 0
+        finally:
+            progress.close()
+        self._evaluate(log, final=True)
+        log.close()
+        return self.final_metrics
+
+    def _optimizer_step(self, group: list[dict]) -> tuple[float, int, int]:
+        """Forward/backward every micro-batch of `group`, normalised by the group's targets; one update."""
+        total_targets = sum(self.task.num_targets(batch) for batch in group)
+        loss_total, tokens = 0.0, 0
+        for batch in group:
+            batch = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+            with self.autocast():
+                loss_sum, _ = self.task.loss(self.model, batch)
+            (loss_sum / max(1, total_targets)).backward()
+            loss_total += float(loss_sum.detach())
+            if "attention_mask" in batch:
+                tokens += int(batch["attention_mask"].sum())
+        if self.settings.max_grad_norm:
+            params = [p for p in self.model.parameters() if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(params, self.settings.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_total, total_targets, tokens
+
+    # ------------------------------------------------------------------ evaluation and checkpoints
+
+    def _evaluate(self, log: MetricsLog, *, final: bool = False) -> bool:
+        """Evaluate, track the best checkpoint; True when early stopping says stop."""
+        state, s = self.state, self.settings
+        if not self.eval_features:
+            return False
+        batch_size = s.eval_batch_size or s.batch_size
+        metrics = self.task.evaluate(self.model, self.eval_features, batch_size, self.autocast)
+        self.model.train()
+        log.log(state.global_step, "validation", metrics)
+        if self.on_evaluate:
+            self.on_evaluate(state.global_step, metrics)
+        value = metrics.get(self.metric)
+        if value is None:
+            raise KeyError(f"metric {self.metric!r} is not computed by this task; it gives {sorted(metrics)}")
+        improved = state.best_metric is None or (value > state.best_metric if self.greater else value < state.best_metric)
+        if improved:
+            state.best_metric, state.best_step = float(value), state.global_step
+            state.evals_without_improvement = 0
+            self.best_metrics = {**metrics, "step": state.global_step}
+            if not final:
+                save_checkpoint(self.run_dir / BEST, self.model, None, None, state)
+        else:
+            state.evals_without_improvement += 1
+        self.final_metrics = {**metrics, "step": state.global_step}
+        if final:
+            if not improved and (self.run_dir / BEST).exists():
+                load_model_weights(self.run_dir / BEST, self.model)
+                self.final_metrics = self.best_metrics or {**self._logged_metrics(log, state.best_step),
+                                                           "step": state.best_step}
+            return False
+        patience = s.early_stopping_patience
+        return bool(patience and state.evals_without_improvement >= patience)
+
+    @staticmethod
+    def _logged_metrics(log: MetricsLog, step: int | None) -> dict:
+        """The validation metrics logged at `step` (after a resume, the best evaluation was in another process)."""
+        import json
+
+        found = {}
+        with open(log.path, encoding="utf-8") as f:
+            for line in f:
+                record = json.loads(line)
+                if record.get("split") == "validation" and record.get("step") == step:
+                    found = {k: v for k, v in record.items() if k not in ("step", "split")}
+        return found
+
+    def _save(self) -> None:
+        directory = self.run_dir / f"checkpoint-{self.state.global_step}"
+        save_checkpoint(directory, self.model, self.optimizer, self.scheduler, self.state)
+        prune_checkpoints(self.run_dir, self.settings.save_total_limit)
