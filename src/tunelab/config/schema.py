@@ -43,6 +43,8 @@ class DataSection(Section):
     label_field: str = "label"
     tokens_field: str = "tokens"
     tags_field: str = "tags"
+    token_column: int = Field(0, description="CoNLL: column of the words")
+    tag_column: int = Field(-1, description="CoNLL: column of the tags (-1 = last)")
     max_length: int = Field(512, ge=8)
     stride: int = Field(128, ge=0, description="qa: overlap between windows of a long context")
     packing: bool = Field(True, description="causal_lm/chat: pack documents into full rows, attention kept within each")

@@ -58,7 +58,8 @@ def _rows(config: TrainConfig, tokenizer, labels: list[str], use_data_file: bool
         if config.task.type == "tagging":
             from tunelab.data.tagging import load_tagging
 
-            kw = dict(tokens_field=config.data.tokens_field, tags_field=config.data.tags_field)
+            kw = dict(tokens_field=config.data.tokens_field, tags_field=config.data.tags_field,
+                      token_column=config.data.token_column, tag_column=config.data.tag_column)
             examples = load_tagging(config.data.train_paths(), labels=labels or None, **kw)[0]
             return prepared.train.features, examples
         return prepared.train.features, []
@@ -149,7 +150,7 @@ def _predict_rows(config: TrainConfig, tokenizer, labels):
         from tunelab.data.tagging import encode_tagging, load_tagging
 
         examples, _ = load_tagging(d.train_paths(), tokens_field=d.tokens_field, tags_field=None, tag_column=None,
-                                   labels=labels)
+                                   token_column=d.token_column, labels=labels)
         return encode_tagging(examples, tokenizer, labels, d.max_length).features, examples
     from tunelab.data.qa import encode_qa_eval, read_squad
 

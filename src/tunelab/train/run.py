@@ -87,7 +87,8 @@ def prepare_data(config: TrainConfig, tokenizer, *, labels: list[str] | None = N
     if task.type == "tagging":
         from tunelab.data.tagging import encode_tagging, load_tagging
 
-        kw = dict(format="auto" if fmt == "conll" else fmt, tokens_field=d.tokens_field, tags_field=d.tags_field)
+        kw = dict(format="auto" if fmt == "conll" else fmt, tokens_field=d.tokens_field, tags_field=d.tags_field,
+                  token_column=d.token_column, tag_column=d.tag_column)
         train, labels = load_tagging(train_paths, labels=labels, **kw)
         validation = load_tagging(val_paths, labels=labels, **kw)[0] if val_paths else None
         train, validation = _split(config, train, validation)

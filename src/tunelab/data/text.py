@@ -1,0 +1,136 @@
+"""Plain text for causal language modelling: documents from files, tokenized and packed into rows.
+
+Packing (as in GPT-style pretraining) concatenates the tokenized documents, each followed by EOS, and cuts
+the stream into rows of exactly `max_length` tokens, so no compute is spent on padding. Each row carries
+"document_ids" (which document of the row each token belongs to, counting from 0 in every row) and
+"position_ids" that restart at 0 where a document (or the row) starts, so that a model can confine
+attention to each document and give every document the positions it would have alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
+
+from tunelab.data.encoded import IGNORE_INDEX, EncodedDataset
+from tunelab.data.readers import PathLike, as_paths, detect_format, read_records, read_text_file, require
+from tunelab.errors import DataError
+
+if TYPE_CHECKING:
+    from tunelab.tokenizer import Tokenizer
+
+DOCUMENT_MODES = ("file", "paragraph", "line")
+
+
+def load_text(paths: PathLike | Iterable[PathLike], *, format: str = "auto", text_field: str = "text",
+              documents: str = "file") -> list[str]:
+    """Documents of text files (.txt) or of record files (one document per record's `text_field`).
+
+    For .txt files `documents` chooses what a document is: "file" (the whole file, the usual choice for a
+    corpus such as tinyshakespeare), "paragraph" (blocks separated by blank lines) or "line" (each
+    non-empty line). Blank documents are left out.
+    """
+    if documents not in DOCUMENT_MODES:
+        raise ValueError(f"documents must be one of {', '.join(DOCUMENT_MODES)}, got {documents!r}")
+    result: list[str] = []
+    for path in as_paths(paths):
+        kind = detect_format(path, format)
+        if kind != "txt":
+            for record in read_records(path, kind):
+                text = require(record, text_field, str)
+                if text.strip():
+                    result.append(text)
+            continue
+        text = read_text_file(path)
+        if documents == "file":
+            result.append(text)
+        elif documents == "line":
+            result.extend(line.rstrip("\r") for line in text.split("\n") if line.strip())
+        else:
+            result.extend(_paragraphs(text))
+    return result
+
+
+def _paragraphs(text: str) -> list[str]:
+    """Blocks of non-blank lines (a line of only whitespace separates paragraphs), joined by newlines."""
+    paragraphs, current = [], []
+    for line in text.split("\n"):
+        if line.strip():
+            current.append(line.rstrip("\r"))
+        elif current:
+            paragraphs.append("\n".join(current))
+            current = []
+    if current:
+        paragraphs.append("\n".join(current))
+    return paragraphs
+
+
+def encode_causal_lm(documents: Sequence[str], tokenizer: Tokenizer, max_length: int, *, packing: bool = True,
+                     add_eos: bool = True, add_special_tokens: bool = True, drop_last: bool = False) -> EncodedDataset:
+    """Rows for next-token prediction: "input_ids", "labels" (= input ids, -100 where nothing is to be
+    predicted; the shift happens in the loss), "length", and with packing "position_ids", "document_ids".
+
+    packing=True: documents (each + EOS when add_eos) are concatenated and cut into rows of exactly
+    `max_length` tokens; the last row holds the remainder (shorter) unless drop_last. A document that starts
+    inside a row gets label -100 on its first token, which would otherwise be predicted from the previous
+    document. packing=False: one row per document, cut to `max_length` (num_truncated counts those).
+    add_special_tokens adds the tokenizer's own BOS/EOS framing (e.g. Llama's <s>) to every document.
+    """
+    if max_length < 2:
+        raise ValueError(f"max_length must be at least 2 for next-token prediction, got {max_length}")
+    eos = tokenizer.eos_token_id
+    if add_eos and eos is None:
+        raise DataError("the tokenizer has no EOS token to end documents with; pass add_eos=False")
+    texts = [document for document in documents if document.strip()]
+    encoded = tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)["input_ids"] if texts else []
+    token_lists = []
+    for ids in encoded:
+        if add_eos and (not ids or ids[-1] != eos):
+            ids = ids + [eos]
+        if ids:
+            token_lists.append(ids)
+    dataset = EncodedDataset([], num_examples=len(texts))
+    if not packing:
+        for ids in token_lists:
+            if len(ids) > max_length:
+                ids = ids[:max_length]
+                dataset.num_truncated += 1
+            dataset.features.append({"input_ids": ids, "labels": list(ids), "length": len(ids)})
+        return dataset
+    dataset.features = pack_documents(token_lists, max_length, drop_last=drop_last)
+    return dataset
+
+
+def pack_documents(token_lists: Iterable[list[int]], max_length: int, *, drop_last: bool = False) -> list[dict]:
+    """Concatenate token lists into rows of `max_length` tokens with position_ids and document_ids (see
+    `encode_causal_lm`); a document longer than the room left in a row continues in the next row."""
+    rows: list[dict] = []
+    ids: list[int] = []
+    labels: list[int] = []
+    positions: list[int] = []
+    document_ids: list[int] = []
+
+    def flush() -> None:
+        rows.append({"input_ids": ids.copy(), "labels": labels.copy(), "position_ids": positions.copy(),
+                     "document_ids": document_ids.copy(), "length": len(ids)})
+        for row_list in (ids, labels, positions, document_ids):
+            row_list.clear()
+
+    for tokens in token_lists:
+        offset = 0
+        while offset < len(tokens):
+            piece = tokens[offset:offset + max_length - len(ids)]
+            document = document_ids[-1] + 1 if document_ids else 0
+            starts_inside_row = offset == 0 and bool(ids)
+            ids.extend(piece)
+            labels.extend(piece)
+            if starts_inside_row:
+                labels[-len(piece)] = IGNORE_INDEX  # predicted from the previous document: no target
+            positions.extend(range(len(piece)))
+            document_ids.extend([document] * len(piece))
+            offset += len(piece)
+            if len(ids) == max_length:
+                flush()
+    if ids and not drop_last:
+        flush()
+    return rows
