@@ -23,10 +23,10 @@ $(STAMP): pyproject.toml Makefile
 
 demo: venv
 	$(VENV)/bin/tunelab models
-	@echo; echo '$$ tunelab generate --model smollm2-135m-instruct --chat --prompt "..."'
-	$(VENV)/bin/tunelab generate --model smollm2-135m-instruct --chat --max-new-tokens 80 \
-		--prompt "Give me three tips for writing clear commit messages."
+	@echo; echo '$$ tunelab plan examples/quickstart.yaml'
+	$(VENV)/bin/tunelab plan examples/quickstart.yaml
 	@echo; echo '$$ python examples/quickstart.py'
+	rm -rf runs/quickstart
 	$(PY) examples/quickstart.py
 
 test: venv

@@ -88,8 +88,9 @@ class TrainSection(Section):
     max_grad_norm: float | None = Field(1.0, gt=0)
     precision: Literal["fp32", "bf16", "fp16", "auto"] = Field("auto", description="auto: bf16 where the hardware has it")
     seed: int = 42
-    eval_steps: int = Field(0, ge=0, description="evaluate every N steps (0: only at the end of each epoch)")
-    save_steps: int = Field(0, ge=0, description="checkpoint every N steps (0: only at evaluations)")
+    eval_steps: int = Field(0, ge=0, description="evaluate every N steps (0: never during training; always at the end)")
+    eval_at_start: bool = Field(False, description="evaluate the untrained model first (step 0): the 'before' score")
+    save_steps: int = Field(0, ge=0, description="resumable checkpoint every N steps (0: never)")
     save_total_limit: int = Field(2, ge=1, description="checkpoints kept (the best is always kept)")
     logging_steps: int = Field(10, ge=1)
     metric: str | None = Field(None, description="picks the best checkpoint; default: the task's main metric")

@@ -10,11 +10,13 @@ from tunelab.generate.decode import (
     eos_ids,
     generate,
 )
-from tunelab.generate.encoders import MaskPrediction, embed, fill_mask, mean_pool
+from tunelab.generate.encoders import Classification, MaskPrediction, classify, embed, fill_mask, mean_pool
 from tunelab.generate.sampling import next_tokens
 from tunelab.generate.stopping import StopStringFilter
 
 __all__ = [
+    "Classification",
+    "classify",
     "Completion",
     "Generation",
     "GenerationSettings",

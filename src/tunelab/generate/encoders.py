@@ -71,3 +71,29 @@ def fill_mask(model: Model, tokenizer, text: str, *, top_k: int = 5) -> list[lis
             preds.append(MaskPrediction(tokenizer.decode([t]).strip(), t, p, tokenizer.decode(filled)))
         results.append(preds)
     return results
+
+
+@dataclass
+class Classification:
+    label: str
+    score: float
+    scores: dict[str, float]
+
+
+@torch.inference_mode()
+def classify(model: Model, tokenizer, texts: list[str], *, batch_size: int = 32) -> list[Classification]:
+    """The classifier head's label and probabilities for each text (pairs: not here; see tunelab predict)."""
+    if "classifier" not in model.heads:
+        raise TypeError("this model has no classification head")
+    labels = model.config.labels or [str(i) for i in range(model.heads["classifier"].out.out_features)]
+    max_len = tokenizer.model_max_length or getattr(model.config, "max_position_embeddings", None)
+    results = []
+    for start in range(0, len(texts), batch_size):
+        batch = tokenizer.encode_batch(texts[start : start + batch_size], padding=True, truncation=max_len is not None,
+                                       max_length=max_len, return_tensors="pt")
+        logits = model(batch["input_ids"], batch["attention_mask"], token_type_ids=batch.get("token_type_ids"),
+                       heads=("classifier",)).logits["classifier"]
+        for row in logits.float().softmax(dim=-1):
+            best = int(row.argmax())
+            results.append(Classification(labels[best], float(row[best]), dict(zip(labels, row.tolist()))))
+    return results

@@ -138,6 +138,8 @@ class Trainer:
         )
         window_loss, window_targets, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
         stop = state.global_step >= self.total_steps
+        if s.eval_at_start and state.global_step == 0:
+            self._evaluate(log)
         try:
             while not stop:
                 sampler = self.train_data.make_sampler(state.epoch, state.batch_in_epoch)
