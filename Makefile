@@ -35,10 +35,12 @@ test: venv
 test-fast: venv
 	$(PY) -m pytest -q -p no:cacheprovider -m "not slow and not real"
 
+# Long: each job trains for real (SST-2 and CoNLL run the HF Trainer too). See BENCHMARKS.md.
 bench: venv
-	@if [ -d benchmarks ] && ls benchmarks/*.py >/dev/null 2>&1; then \
-		for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done; \
-	else echo "no benchmarks yet"; fi
+	$(PY) benchmarks/finetune_vs_hf.py sst2
+	$(PY) benchmarks/finetune_vs_hf.py conll
+	$(PY) benchmarks/task_figures.py xquad
+	$(PY) benchmarks/task_figures.py alpaca
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info

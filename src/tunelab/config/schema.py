@@ -90,7 +90,7 @@ class TrainSection(Section):
     seed: int = 42
     eval_steps: int = Field(0, ge=0, description="evaluate every N steps (0: never during training; always at the end)")
     eval_at_start: bool = Field(False, description="evaluate the untrained model first (step 0): the 'before' score")
-    save_steps: int = Field(0, ge=0, description="resumable checkpoint every N steps (0: never)")
+    save_steps: int = Field(500, ge=0, description="resumable checkpoint every N steps (0: never)")
     save_total_limit: int = Field(2, ge=1, description="checkpoints kept (the best is always kept)")
     logging_steps: int = Field(10, ge=1)
     metric: str | None = Field(None, description="picks the best checkpoint; default: the task's main metric")

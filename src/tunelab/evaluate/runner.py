@@ -111,10 +111,7 @@ def predict_source(source: str, data: str, out: str, *, task: str | None = None,
     kind = config.task.type
     if kind in ("causal_lm", "chat"):
         raise ConfigError(f"predict writes task predictions; for a {kind} model use `tunelab generate`")
-    raw = config.model_dump(mode="json")
-    if kind in ("classification", "tagging"):
-        raw["data"]["label_field" if kind == "classification" else "tags_field"] = None
-    config = validate(TrainConfig, raw, "predict options")
+    # _predict_rows reads the file without labels / tags (label_field, tags_field are not optional in the schema)
     features, examples = _predict_rows(config, tokenizer, labels)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     step = make_step(kind, labels=labels, examples=examples, max_answer_length=config.task.max_answer_length,

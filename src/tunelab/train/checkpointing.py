@@ -28,6 +28,7 @@ class TrainerState:
     best_metric: float | None = None
     best_step: int | None = None
     evals_without_improvement: int = 0
+    best_metrics: dict | None = None  # every metric of the best evaluation: metrics.json of a resumed run
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -121,9 +121,21 @@ def prepare_data(config: TrainConfig, tokenizer, *, labels: list[str] | None = N
 
         train = load_text(train_paths, format=fmt, text_field=d.text_field)
         validation = load_text(val_paths, format=fmt, text_field=d.text_field) if val_paths else None
-        train, validation = _split(config, train, validation)
         encode = lambda docs: encode_causal_lm(docs, tokenizer, d.max_length, packing=d.packing)  # noqa: E731
-        return PreparedData(encode(train), encode(validation) if validation else None, [], validation, len(train))
+        if validation is None and len(train) == 1 and d.validation_split > 0:
+            # one corpus file (tinyshakespeare): hold out the last fraction of its rows, as nanoGPT does
+            rows = encode(train)
+            cut = len(rows.features) - max(1, round(len(rows.features) * d.validation_split)) if len(rows) > 1 else 1
+            train_rows = type(rows)(rows.features[:cut], num_examples=1, num_truncated=rows.num_truncated)
+            val_rows = type(rows)(rows.features[cut:], num_examples=1) if rows.features[cut:] else None
+        else:
+            train, validation = _split(config, train, validation)
+            train_rows, val_rows = encode(train), (encode(validation) if validation else None)
+        # rows are the examples of a language model: max_*_examples limit them
+        train_rows.features = _limit(train_rows.features, d.max_train_examples)
+        if val_rows is not None:
+            val_rows.features = _limit(val_rows.features, d.max_validation_examples)
+        return PreparedData(train_rows, val_rows, [], validation or [], len(train))
     raise ConfigError(f"task.type {task.type!r} is not trainable yet")
 
 
@@ -271,7 +283,7 @@ def train(config: TrainConfig, *, resume: bool = False, show_progress: bool = Tr
     from tunelab.train.trainer import Batches, Trainer
 
     run_dir = Path(config.output_dir)
-    if not resume and run_dir.exists() and any(run_dir.glob("checkpoint-*")):
+    if not resume and run_dir.exists() and (any(run_dir.glob("checkpoint-*")) or (run_dir / "metrics.jsonl").exists()):
         raise TunelabError(f"{run_dir}: output_dir already holds a run; resume it with "
                            f"`tunelab train --resume {run_dir}` or choose another output_dir")
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -124,6 +124,7 @@ class Trainer:
         if not checkpoints:
             return False
         self.state = load_checkpoint(checkpoints[-1], self.model, self.optimizer, self.scheduler)
+        self.best_metrics = self.state.best_metrics
         return True
 
     # ------------------------------------------------------------------ loop
@@ -232,7 +233,7 @@ class Trainer:
         if improved:
             state.best_metric, state.best_step = float(value), state.global_step
             state.evals_without_improvement = 0
-            self.best_metrics = {**metrics, "step": state.global_step}
+            self.best_metrics = state.best_metrics = {**metrics, "step": state.global_step}
             if not final:
                 save_checkpoint(self.run_dir / BEST, self.model, None, None, state)
         else:

@@ -1,0 +1,55 @@
+"""tunelab's own figures where there is no HF side to run: extractive QA on XQuAD (held-out articles)
+and SmolLM2-135M-Instruct LoRA SFT on the alpaca sample (validation loss and perplexity before / after).
+
+    python benchmarks/task_figures.py xquad
+    python benchmarks/task_figures.py alpaca
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+JOBS = {"xquad": "configs/xquad-minilm.yaml", "alpaca": "configs/alpaca-smollm2-lora.yaml"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("job", choices=sorted(JOBS))
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = Path(f"/tmp/tunelab-bench/{args.job}-{stamp}")
+    cmd = [sys.executable, "-m", "tunelab", "train", JOBS[args.job], f"output_dir={out}", *args.overrides, "--no-progress"]
+    if args.job == "alpaca":
+        cmd.append("train.eval_at_start=true")
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    minutes = (time.perf_counter() - start) / 60
+    if proc.returncode != 0:
+        raise SystemExit(proc.stderr[-3000:])
+    history = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    validation = [r for r in history if r["split"] == "validation"]
+    final = json.loads((out / "metrics.json").read_text())
+    record = {"job": args.job, "time": stamp, "minutes": minutes, "final": {k: v for k, v in final.items()
+              if isinstance(v, (int, float))}, "first_validation": validation[0] if validation else None}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    with open(RESULTS / "tasks.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+    if args.job == "xquad":
+        print(f"XQuAD-en, held-out articles: exact match {final['exact_match']:.4f}, F1 {final['f1']:.4f} "
+              f"({minutes:.1f} min)")
+    else:
+        before = validation[0]
+        print(f"SmolLM2-135M-Instruct LoRA SFT on alpaca: validation loss {before['loss']:.4f} -> {final['loss']:.4f}, "
+              f"perplexity {before['perplexity']:.3f} -> {final['perplexity']:.3f} ({minutes:.1f} min)")
+
+
+if __name__ == "__main__":
+    main()
