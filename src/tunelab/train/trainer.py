@@ -115,6 +115,7 @@ class Trainer:
         self.show_progress = show_progress
         self.final_metrics: dict[str, Any] = {}
         self.best_metrics: dict[str, Any] | None = None
+        self._last_eval: tuple[int, dict, bool] | None = None  # (step, metrics, improved)
 
     # ------------------------------------------------------------------ resume
 
@@ -216,28 +217,24 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation and checkpoints
 
     def _evaluate(self, log: MetricsLog, *, final: bool = False) -> bool:
-        """Evaluate, track the best checkpoint; True when early stopping says stop."""
+        """Evaluate, track the best checkpoint; True when early stopping says stop.
+
+        The final call reuses an evaluation already made at this step (a run stopped early).
+        """
         state, s = self.state, self.settings
         if not self.eval_features:
             return False
-        batch_size = s.eval_batch_size or s.batch_size
-        metrics = self.task.evaluate(self.model, self.eval_features, batch_size, self.autocast)
-        self.model.train()
-        log.log(state.global_step, "validation", metrics)
-        if self.on_evaluate:
-            self.on_evaluate(state.global_step, metrics)
-        value = metrics.get(self.metric)
-        if value is None:
-            raise KeyError(f"metric {self.metric!r} is not computed by this task; it gives {sorted(metrics)}")
-        improved = state.best_metric is None or (value > state.best_metric if self.greater else value < state.best_metric)
-        if improved:
-            state.best_metric, state.best_step = float(value), state.global_step
-            state.evals_without_improvement = 0
-            self.best_metrics = state.best_metrics = {**metrics, "step": state.global_step}
-            if not final:
-                save_checkpoint(self.run_dir / BEST, self.model, None, None, state)
+        if final and self._last_eval is not None and self._last_eval[0] == state.global_step:
+            _, metrics, improved = self._last_eval
         else:
-            state.evals_without_improvement += 1
+            batch_size = s.eval_batch_size or s.batch_size
+            metrics = self.task.evaluate(self.model, self.eval_features, batch_size, self.autocast)
+            self.model.train()
+            log.log(state.global_step, "validation", metrics)
+            if self.on_evaluate:
+                self.on_evaluate(state.global_step, metrics)
+            improved = self._track_best(metrics, save=not final)
+            self._last_eval = (state.global_step, metrics, improved)
         self.final_metrics = {**metrics, "step": state.global_step}
         if final:
             if not improved and (self.run_dir / BEST).exists():
@@ -247,6 +244,23 @@ class Trainer:
             return False
         patience = s.early_stopping_patience
         return bool(patience and state.evals_without_improvement >= patience)
+
+    def _track_best(self, metrics: dict, *, save: bool) -> bool:
+        """Update the best metric (and checkpoint-best when `save`); whether this evaluation improved."""
+        state = self.state
+        value = metrics.get(self.metric)
+        if value is None:
+            raise KeyError(f"metric {self.metric!r} is not computed by this task; it gives {sorted(metrics)}")
+        improved = state.best_metric is None or (value > state.best_metric if self.greater else value < state.best_metric)
+        if improved:
+            state.best_metric, state.best_step = float(value), state.global_step
+            state.evals_without_improvement = 0
+            self.best_metrics = state.best_metrics = {**metrics, "step": state.global_step}
+            if save:
+                save_checkpoint(self.run_dir / BEST, self.model, None, None, state)
+        else:
+            state.evals_without_improvement += 1
+        return improved
 
     @staticmethod
     def _logged_metrics(log: MetricsLog, step: int | None) -> dict:
