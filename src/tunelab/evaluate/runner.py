@@ -16,11 +16,10 @@ TASK_OF_HEAD = {"classifier": "classification", "tagger": "tagging", "qa": "qa",
 
 def _source_config(source: str, data: str | None, task: str | None, overrides: list[str]):
     """(model, tokenizer, config) for a run directory or a bare model plus --data/--task."""
-    from tunelab.train.run import CONFIG_FILE, load_any, load_run
+    from tunelab.train.run import is_run_dir, load_any, load_run
 
-    path = Path(source)
-    if path.is_dir() and (path / CONFIG_FILE).exists() and not (path / "config.json").exists():
-        model, tokenizer, config = load_run(path)
+    if is_run_dir(source):
+        model, tokenizer, config = load_run(source)
         raw = config.model_dump(mode="json")
     else:
         model, tokenizer = load_any(source)
@@ -48,20 +47,22 @@ def _rows(config: TrainConfig, tokenizer, labels: list[str], use_data_file: bool
     """(features, examples) to evaluate: the whole --data file, or the run's own validation split."""
     from tunelab.train.run import prepare_data
 
+    d = config.data
+    if use_data_file and config.task.type == "qa":
+        from tunelab.data.qa import encode_qa_eval, read_squad
+
+        examples = [e for p in d.train_paths() for e in read_squad(p)]
+        return encode_qa_eval(examples, tokenizer, d.max_length, d.stride).features, examples
+    if use_data_file and config.task.type == "tagging":
+        from tunelab.data.tagging import encode_tagging, load_tagging
+
+        examples = load_tagging(d.train_paths(), labels=labels or None, tokens_field=d.tokens_field,
+                                tags_field=d.tags_field, token_column=d.token_column, tag_column=d.tag_column)[0]
+        encoded = encode_tagging(examples, tokenizer, labels, d.max_length,
+                                 label_all_subwords=config.task.label_all_subwords)
+        return encoded.features, examples
     prepared = prepare_data(config, tokenizer, labels=labels or None)
     if use_data_file:
-        if config.task.type == "qa":
-            from tunelab.data.qa import encode_qa_eval, read_squad
-
-            examples = [e for p in config.data.train_paths() for e in read_squad(p)]
-            return encode_qa_eval(examples, tokenizer, config.data.max_length, config.data.stride).features, examples
-        if config.task.type == "tagging":
-            from tunelab.data.tagging import load_tagging
-
-            kw = dict(tokens_field=config.data.tokens_field, tags_field=config.data.tags_field,
-                      token_column=config.data.token_column, tag_column=config.data.tag_column)
-            examples = load_tagging(config.data.train_paths(), labels=labels or None, **kw)[0]
-            return prepared.train.features, examples
         return prepared.train.features, []
     if prepared.validation is None:
         raise TunelabError("the run has no validation data; give a file with --data")

@@ -187,11 +187,16 @@ def apply_method(model, config: TrainConfig) -> None:
     ))
 
 
+def is_run_dir(path: str | Path) -> bool:
+    """A tunelab run directory (config.yaml of a run), as opposed to an HF model directory."""
+    path = Path(path).expanduser()
+    return path.is_dir() and (path / CONFIG_FILE).exists() and not (path / "config.json").exists()
+
+
 def load_any(source: str, *, dtype=None):
     """A model and tokenizer from a registered name, HF directory, GGUF file or tunelab run directory."""
-    path = Path(source).expanduser()
-    if path.is_dir() and (path / CONFIG_FILE).exists() and not (path / "config.json").exists():
-        return load_run(path, dtype=dtype)[:2]
+    if is_run_dir(source):
+        return load_run(source, dtype=dtype)[:2]
     from tunelab.checkpoint.load import load
 
     return load(source, dtype=dtype)
@@ -199,10 +204,10 @@ def load_any(source: str, *, dtype=None):
 
 def load_any_tokenizer(source: str):
     """The tokenizer of any model source, without reading weights (except for run directories)."""
-    path = Path(source).expanduser()
-    if path.is_dir() and (path / CONFIG_FILE).exists() and not (path / "config.json").exists():
+    if is_run_dir(source):
         from tunelab.tokenizer import Tokenizer
 
+        path = Path(source).expanduser()
         for sub in ("model", "adapter"):
             if (path / sub / "tokenizer.json").exists():
                 return Tokenizer.from_dir(path / sub)
