@@ -6,7 +6,7 @@ resolved config is written to the run directory, so a run can be repeated or res
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -19,10 +19,38 @@ class Section(BaseModel):
 
 
 class ModelSection(Section):
-    source: str = Field(description="registered name (tunelab models), HF directory, GGUF file, or a tunelab run directory")
+    source: str | None = Field(
+        None, description="registered name (tunelab models), HF directory, GGUF file, or a tunelab run directory"
+    )
+    architecture: dict[str, Any] | None = Field(
+        None, description="from scratch instead of source: family and sizes, e.g. "
+        "{family: gpt2, hidden_size: 384, num_layers: 6, num_heads: 6, max_position_embeddings: 256}",
+    )
+    tokenizer: str | None = Field(
+        None, description="tokenizer directory or tokenizer.json (needed with architecture; default: the source's own)"
+    )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="dtype the weights are held in (master weights; autocast is train.precision)"
     )
+
+    @model_validator(mode="after")
+    def _one_origin(self) -> "ModelSection":
+        if (self.source is None) == (self.architecture is None):
+            raise ValueError("give exactly one of model.source (a trained model) and model.architecture (from scratch)")
+        if self.architecture is not None:
+            if self.tokenizer is None:
+                raise ValueError("model.architecture needs model.tokenizer (train one with `tunelab tokenizer train`)")
+            if "family" not in self.architecture:
+                raise ValueError("model.architecture needs a family (bert, gpt2, llama, ...)")
+        return self
+
+    @property
+    def name(self) -> str:
+        """How reports name the model: its source, or its family and size when built from scratch."""
+        if self.source is not None:
+            return self.source
+        arch = self.architecture or {}
+        return f"{arch.get('family')} from scratch ({arch.get('num_layers', '?')} layers, {arch.get('hidden_size', '?')} wide)"
 
 
 class TaskSection(Section):

@@ -29,6 +29,36 @@ def config_from_dict(data: dict) -> ModelConfig:
     return FAMILIES[family][0].from_dict(data)
 
 
+def config_from_architecture(architecture: dict, **defaults) -> ModelConfig:
+    """A family config from a user's `model.architecture` mapping, strictly: an unknown field is an error.
+
+    `defaults` (vocabulary size, special-token ids taken from the tokenizer) fill fields the mapping leaves out.
+    """
+    import difflib
+    from dataclasses import fields
+
+    arch = dict(architecture)
+    family = arch.pop("family", None)
+    if family not in FAMILIES:
+        raise ValueError(f"model.architecture.family: unknown family {family!r}; known: {', '.join(FAMILIES)}")
+    cls = FAMILIES[family][0]
+    known = {f.name for f in fields(cls)} - {"model_type", "labels"}
+    for key in arch:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(sorted(known))}"
+            raise ValueError(f"model.architecture.{key}: not a field of a {family} config{hint}")
+    values = {**{k: v for k, v in defaults.items() if k in known}, **arch}
+    config = cls(**values)
+    if config.hidden_size <= 0 or config.num_layers <= 0 or config.num_heads <= 0:
+        raise ValueError(f"model.architecture: hidden_size, num_layers and num_heads must be positive "
+                         f"(got {config.hidden_size}, {config.num_layers}, {config.num_heads})")
+    if config.hidden_size % config.num_heads:
+        raise ValueError(f"model.architecture: hidden_size {config.hidden_size} is not divisible by "
+                         f"num_heads {config.num_heads}")
+    return config
+
+
 def make_head(config: ModelConfig, name: str, num_labels: int | None = None) -> nn.Module:
     """A fresh head called `name` shaped for `config` (num_labels defaults to len(config.labels))."""
     dim, mt = config.hidden_size, config.model_type
@@ -64,12 +94,12 @@ def build_model(config: ModelConfig, heads: Iterable[str] = (), num_labels: int 
         raise ValueError(f"unknown model family {config.family!r}")
     backbone = FAMILIES[config.family][1](config)
     model = Model(config, backbone, {name: make_head(config, name, num_labels) for name in heads})
-    model.apply(_init_weights)
+    model.apply(init_weights)
     model.tie_weights()
     return model
 
 
-def _init_weights(module: nn.Module, std: float = 0.02) -> None:
+def init_weights(module: nn.Module, std: float = 0.02) -> None:
     """Normal(0, 0.02) weights and zero biases, as BERT and GPT-2 initialise (norms keep ones/zeros)."""
     if isinstance(module, (nn.Linear, nn.Embedding)):
         if module.weight.requires_grad:

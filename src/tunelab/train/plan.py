@@ -53,12 +53,12 @@ def _rss_peak() -> int:
 def make_plan(config: TrainConfig, *, timing_steps: int = 4) -> Plan:
     from tunelab.data.collate import pad_collate
     from tunelab.data.samplers import LengthGroupedSampler
-    from tunelab.train.run import load_any_tokenizer, prepare_data, prepare_model, seed_everything
+    from tunelab.train.run import prepare_data, prepare_model, run_tokenizer, seed_everything
     from tunelab.train.tasks import make_step
     from tunelab.train.trainer import autocast_context, resolve_precision
 
     s = config.train
-    tokenizer = load_any_tokenizer(config.model.source)
+    tokenizer = run_tokenizer(config)
     data = prepare_data(config, tokenizer)
     seed_everything(s.seed)
     model, tokenizer = prepare_model(config, data.labels)
@@ -135,12 +135,12 @@ def template_digest(template: str | None) -> str | None:
 def chat_template_check(config: TrainConfig, tokenizer) -> dict:
     """The chat template the data is built with, and whether the saved model will carry the same one."""
     from tunelab.errors import ConfigError
-    from tunelab.train.run import load_any_tokenizer
+    from tunelab.train.run import run_tokenizer
 
     if not tokenizer.chat_template:
-        raise ConfigError(f"model.source {config.model.source}: the tokenizer has no chat template; a chat task "
+        raise ConfigError(f"model {config.model.name}: the tokenizer has no chat template; a chat task "
                           "needs one (tokenizer_config.json chat_template or chat_template.jinja)")
-    source_template = load_any_tokenizer(config.model.source).chat_template
+    source_template = run_tokenizer(config).chat_template
     return {
         "training": template_digest(tokenizer.chat_template),
         "model": template_digest(source_template),

@@ -148,22 +148,61 @@ def prepare_model(config: TrainConfig, labels: list[str]):
     """The model (with exactly the task's head) and tokenizer; the method applied."""
     from tunelab.models.registry import make_head
 
-    model, tokenizer = load_any(config.model.source, dtype=config.model.dtype)
+    model, tokenizer = build_or_load(config)
     head = HEAD_OF_TASK[config.task.type]
     if labels:
         if head in model.heads and list(model.config.labels) != list(labels):
             del model.heads[head]  # a head trained for other labels: start a fresh one
         model.config.labels = list(labels)
-    if head == "lm" and "lm" not in model.heads:
-        raise ConfigError(f"model.source {config.model.source}: this model has no language-model head; "
+    if head == "lm" and "lm" not in model.heads and not model.is_decoder:
+        raise ConfigError(f"model {config.model.name}: this model has no language-model head; "
                           f"task {config.task.type} needs a decoder with one")
     if head not in model.heads:
-        model.add_head(head, make_head(model.config, head, len(labels) if labels else None).to(
-            next(model.parameters()).dtype))
+        new_head = make_head(model.config, head, len(labels) if labels else None)
+        if config.model.architecture is not None:
+            from tunelab.models.registry import init_weights
+
+            new_head.apply(init_weights)  # the whole model starts from the same N(0, 0.02)
+        model.add_head(head, new_head.to(next(model.parameters()).dtype))
     for name in [n for n in model.heads if n != head]:
         del model.heads[name]
     apply_method(model, config)
     return model, tokenizer
+
+
+def build_or_load(config: TrainConfig):
+    """(model, tokenizer): the trained model of model.source, or a fresh one of model.architecture."""
+    if config.model.source is not None:
+        model, tokenizer = load_any(config.model.source, dtype=config.model.dtype)
+        if config.model.tokenizer is not None:
+            tokenizer = run_tokenizer(config)
+        return model, tokenizer
+    from tunelab.checkpoint.load import parse_dtype
+    from tunelab.models.registry import build_model, config_from_architecture
+
+    tokenizer = run_tokenizer(config)
+    first = lambda *ids: next((i for i in ids if i is not None), None)  # noqa: E731
+    ids = {"vocab_size": tokenizer.vocab_size, "pad_token_id": tokenizer.pad_token_id,
+           "bos_token_id": first(tokenizer.bos_token_id, tokenizer.cls_token_id),
+           "eos_token_id": first(tokenizer.eos_token_id, tokenizer.sep_token_id)}
+    try:
+        model_config = config_from_architecture(config.model.architecture, **ids)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(str(err)) from err
+    if model_config.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(f"model.architecture.vocab_size {model_config.vocab_size} is smaller than the "
+                          f"tokenizer's {tokenizer.vocab_size} ids ({config.model.tokenizer})")
+    model = build_model(model_config)
+    return model.to(parse_dtype(config.model.dtype)), tokenizer
+
+
+def run_tokenizer(config: TrainConfig):
+    """The tokenizer a run encodes its data with: model.tokenizer if given, else the source's own."""
+    if config.model.tokenizer is not None:
+        from tunelab.tokenizer import Tokenizer
+
+        return Tokenizer.from_dir(config.model.tokenizer)
+    return load_any_tokenizer(config.model.source)
 
 
 def apply_method(model, config: TrainConfig) -> None:
@@ -211,7 +250,7 @@ def load_any_tokenizer(source: str):
         for sub in ("model", "adapter"):
             if (path / sub / "tokenizer.json").exists():
                 return Tokenizer.from_dir(path / sub)
-        return load_any_tokenizer(resume_config(path).model.source)
+        return run_tokenizer(resume_config(path))
     from tunelab.checkpoint.load import load_tokenizer
 
     return load_tokenizer(source)
@@ -296,14 +335,14 @@ def train(config: TrainConfig, *, resume: bool = False, show_progress: bool = Tr
         torch.set_num_threads(config.train.num_threads)
     seed_everything(config.train.seed)
 
-    data = prepare_data(config, load_any_tokenizer(config.model.source))
+    data = prepare_data(config, run_tokenizer(config))
     seed_everything(config.train.seed)
     model, tokenizer = prepare_model(config, data.labels)
     if not data.train.features:
         raise DataError(f"{config.data.train}: no training rows after encoding ({data.train.summary()})")
     log(f"train: {data.train.summary()}" + (f"; validation: {data.validation.summary()}" if data.validation else ""))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log(f"model: {config.model.source} ({model.config.model_type}), {model.num_parameters() / 1e6:.1f}M parameters, "
+    log(f"model: {config.model.name} ({model.config.model_type}), {model.num_parameters() / 1e6:.1f}M parameters, "
         f"{trainable / 1e6:.2f}M trainable ({config.method.type})")
 
     dump_config(config, run_dir / CONFIG_FILE)
@@ -379,7 +418,7 @@ def write_run_report(run_dir: Path, config: TrainConfig, final: dict, trainer) -
 
         (run_dir / "plots").mkdir(exist_ok=True)
         plot_confusion_matrix(final["confusion_matrix"], trainer.task.labels, run_dir / "plots" / "confusion_matrix.png")
-    summary = {"model": config.model.source, "task": config.task.type, "method": config.method.type,
+    summary = {"model": config.model.name, "task": config.task.type, "method": config.method.type,
                "train": config.data.train, "batch_size": config.train.batch_size, "grad_accum": config.train.grad_accum,
                "lr": config.train.lr, "steps": trainer.state.global_step, "precision": str(trainer.amp_dtype or "fp32")}
     return write_report(run_dir, title=f"tunelab run: {run_dir.name}", task=config.task.type, final_metrics=final,
