@@ -70,73 +70,97 @@ def _split(config: TrainConfig, train: list, validation: list | None, splitter=N
 
 def prepare_data(config: TrainConfig, tokenizer, *, labels: list[str] | None = None) -> PreparedData:
     """Read, split and encode the config's data for its task."""
-    task, d = config.task, config.data
-    labels = labels or task.labels
-    train_paths, val_paths = d.train_paths(), d.validation_paths()
-    fmt = d.format
-    if task.type == "classification":
-        from tunelab.data.classification import encode_classification, load_classification
+    preparer = DATA_PREPARERS.get(config.task.type)
+    if preparer is None:
+        raise ConfigError(f"task.type {config.task.type!r} is not trainable yet")
+    return preparer(config, tokenizer, labels or config.task.labels)
 
-        kw = dict(format=fmt, text_field=d.text_field, pair_field=d.text_pair_field, label_field=d.label_field)
-        train, labels = load_classification(train_paths, labels=labels, **kw)
-        validation = load_classification(val_paths, labels=labels, **kw)[0] if val_paths else None
+
+def _prepare_classification(config: TrainConfig, tokenizer, labels) -> PreparedData:
+    from tunelab.data.classification import encode_classification, load_classification
+
+    d = config.data
+    kw = dict(format=d.format, text_field=d.text_field, pair_field=d.text_pair_field, label_field=d.label_field)
+    train, labels = load_classification(d.train_paths(), labels=labels, **kw)
+    validation = load_classification(d.validation_paths(), labels=labels, **kw)[0] if d.validation_paths() else None
+    train, validation = _split(config, train, validation)
+    train, validation = _limit(train, d.max_train_examples), _limit(validation, d.max_validation_examples)
+    encode = lambda ex: encode_classification(ex, tokenizer, d.max_length)  # noqa: E731
+    return PreparedData(encode(train), encode(validation) if validation else None, labels, validation, len(train))
+
+
+def _prepare_tagging(config: TrainConfig, tokenizer, labels) -> PreparedData:
+    from tunelab.data.tagging import encode_tagging, load_tagging
+
+    d, task = config.data, config.task
+    kw = dict(format="auto" if d.format == "conll" else d.format, tokens_field=d.tokens_field, tags_field=d.tags_field,
+              token_column=d.token_column, tag_column=d.tag_column)
+    train, labels = load_tagging(d.train_paths(), labels=labels, **kw)
+    validation = load_tagging(d.validation_paths(), labels=labels, **kw)[0] if d.validation_paths() else None
+    train, validation = _split(config, train, validation)
+    train, validation = _limit(train, d.max_train_examples), _limit(validation, d.max_validation_examples)
+    encode = lambda ex: encode_tagging(ex, tokenizer, labels, d.max_length, label_all_subwords=task.label_all_subwords)  # noqa: E731
+    return PreparedData(encode(train), encode(validation) if validation else None, labels, validation, len(train))
+
+
+def _prepare_qa(config: TrainConfig, tokenizer, labels) -> PreparedData:
+    from tunelab.data.qa import encode_qa_eval, encode_qa_train, read_squad, split_by_article
+
+    d = config.data
+    train = [e for p in d.train_paths() for e in read_squad(p)]
+    validation = [e for p in d.validation_paths() for e in read_squad(p)] if d.validation_paths() else None
+    train, validation = _split(config, train, validation, splitter=split_by_article)
+    train, validation = _limit(train, d.max_train_examples), _limit(validation, d.max_validation_examples)
+    train_rows = encode_qa_train(train, tokenizer, d.max_length, d.stride)
+    val_rows = encode_qa_eval(validation, tokenizer, d.max_length, d.stride) if validation else None
+    return PreparedData(train_rows, val_rows, [], validation, len(train))
+
+
+def _prepare_chat(config: TrainConfig, tokenizer, labels) -> PreparedData:
+    from tunelab.data.chat import encode_chat, load_chat
+
+    d, fmt = config.data, config.data.format
+    chat_format = fmt if fmt in ("alpaca", "sharegpt", "messages") else "auto"
+    file_format = fmt if chat_format == "auto" else "auto"
+    train = load_chat(d.train_paths(), format=chat_format, file_format=file_format)
+    validation = load_chat(d.validation_paths(), format=chat_format, file_format=file_format) if d.validation_paths() else None
+    train, validation = _split(config, train, validation)
+    train, validation = _limit(train, d.max_train_examples), _limit(validation, d.max_validation_examples)
+    encode = lambda ex: encode_chat(ex, tokenizer, d.max_length, train_on=config.task.train_on)  # noqa: E731
+    return PreparedData(encode(train), encode(validation) if validation else None, [], validation, len(train))
+
+
+def _prepare_causal_lm(config: TrainConfig, tokenizer, labels) -> PreparedData:
+    from tunelab.data.text import encode_causal_lm, load_text
+
+    d = config.data
+    train = load_text(d.train_paths(), format=d.format, text_field=d.text_field)
+    validation = load_text(d.validation_paths(), format=d.format, text_field=d.text_field) if d.validation_paths() else None
+    encode = lambda docs: encode_causal_lm(docs, tokenizer, d.max_length, packing=d.packing)  # noqa: E731
+    if validation is None and len(train) == 1 and d.validation_split > 0:
+        # one corpus file (tinyshakespeare): hold out the last fraction of its rows, as nanoGPT does
+        rows = encode(train)
+        cut = len(rows.features) - max(1, round(len(rows.features) * d.validation_split)) if len(rows) > 1 else 1
+        train_rows = type(rows)(rows.features[:cut], num_examples=1, num_truncated=rows.num_truncated)
+        val_rows = type(rows)(rows.features[cut:], num_examples=1) if rows.features[cut:] else None
+    else:
         train, validation = _split(config, train, validation)
-        train, validation = _limit(train, d.max_train_examples), _limit(validation, d.max_validation_examples)
-        encode = lambda ex: encode_classification(ex, tokenizer, d.max_length)  # noqa: E731
-        return PreparedData(encode(train), encode(validation) if validation else None, labels, validation, len(train))
-    if task.type == "tagging":
-        from tunelab.data.tagging import encode_tagging, load_tagging
+        train_rows, val_rows = encode(train), (encode(validation) if validation else None)
+    # rows are the examples of a language model: max_*_examples limit them
+    train_rows.features = _limit(train_rows.features, d.max_train_examples)
+    if val_rows is not None:
+        val_rows.features = _limit(val_rows.features, d.max_validation_examples)
+    return PreparedData(train_rows, val_rows, [], validation or [], len(train))
 
-        kw = dict(format="auto" if fmt == "conll" else fmt, tokens_field=d.tokens_field, tags_field=d.tags_field,
-                  token_column=d.token_column, tag_column=d.tag_column)
-        train, labels = load_tagging(train_paths, labels=labels, **kw)
-        validation = load_tagging(val_paths, labels=labels, **kw)[0] if val_paths else None
-        train, validation = _split(config, train, validation)
-        train, validation = _limit(train, d.max_train_examples), _limit(validation, d.max_validation_examples)
-        encode = lambda ex: encode_tagging(ex, tokenizer, labels, d.max_length, label_all_subwords=task.label_all_subwords)  # noqa: E731
-        return PreparedData(encode(train), encode(validation) if validation else None, labels, validation, len(train))
-    if task.type == "qa":
-        from tunelab.data.qa import encode_qa_eval, encode_qa_train, read_squad, split_by_article
 
-        train = [e for p in train_paths for e in read_squad(p)]
-        validation = [e for p in val_paths for e in read_squad(p)] if val_paths else None
-        train, validation = _split(config, train, validation, splitter=split_by_article)
-        train, validation = _limit(train, d.max_train_examples), _limit(validation, d.max_validation_examples)
-        train_rows = encode_qa_train(train, tokenizer, d.max_length, d.stride)
-        val_rows = encode_qa_eval(validation, tokenizer, d.max_length, d.stride) if validation else None
-        return PreparedData(train_rows, val_rows, [], validation, len(train))
-    if task.type == "chat":
-        from tunelab.data.chat import encode_chat, load_chat
-
-        chat_format = fmt if fmt in ("alpaca", "sharegpt", "messages") else "auto"
-        file_format = fmt if chat_format == "auto" else "auto"
-        train = load_chat(train_paths, format=chat_format, file_format=file_format)
-        validation = load_chat(val_paths, format=chat_format, file_format=file_format) if val_paths else None
-        train, validation = _split(config, train, validation)
-        train, validation = _limit(train, d.max_train_examples), _limit(validation, d.max_validation_examples)
-        encode = lambda ex: encode_chat(ex, tokenizer, d.max_length, train_on=task.train_on)  # noqa: E731
-        return PreparedData(encode(train), encode(validation) if validation else None, [], validation, len(train))
-    if task.type == "causal_lm":
-        from tunelab.data.text import encode_causal_lm, load_text
-
-        train = load_text(train_paths, format=fmt, text_field=d.text_field)
-        validation = load_text(val_paths, format=fmt, text_field=d.text_field) if val_paths else None
-        encode = lambda docs: encode_causal_lm(docs, tokenizer, d.max_length, packing=d.packing)  # noqa: E731
-        if validation is None and len(train) == 1 and d.validation_split > 0:
-            # one corpus file (tinyshakespeare): hold out the last fraction of its rows, as nanoGPT does
-            rows = encode(train)
-            cut = len(rows.features) - max(1, round(len(rows.features) * d.validation_split)) if len(rows) > 1 else 1
-            train_rows = type(rows)(rows.features[:cut], num_examples=1, num_truncated=rows.num_truncated)
-            val_rows = type(rows)(rows.features[cut:], num_examples=1) if rows.features[cut:] else None
-        else:
-            train, validation = _split(config, train, validation)
-            train_rows, val_rows = encode(train), (encode(validation) if validation else None)
-        # rows are the examples of a language model: max_*_examples limit them
-        train_rows.features = _limit(train_rows.features, d.max_train_examples)
-        if val_rows is not None:
-            val_rows.features = _limit(val_rows.features, d.max_validation_examples)
-        return PreparedData(train_rows, val_rows, [], validation or [], len(train))
-    raise ConfigError(f"task.type {task.type!r} is not trainable yet")
+# task type -> (config, tokenizer, labels) -> PreparedData; each task's data module does the reading and encoding
+DATA_PREPARERS = {
+    "classification": _prepare_classification,
+    "tagging": _prepare_tagging,
+    "qa": _prepare_qa,
+    "chat": _prepare_chat,
+    "causal_lm": _prepare_causal_lm,
+}
 
 
 # ---------------------------------------------------------------------------------------------- model
