@@ -93,8 +93,10 @@ def save_pretrained(model: Model, tokenizer: Tokenizer | None, directory: str | 
 
 
 def load_tokenizer(source: str | Path) -> Tokenizer:
-    """Only the tokenizer of a registered name, HF directory or GGUF file (no weights are read)."""
+    """Only the tokenizer of a registered name, HF directory, tokenizer.json or GGUF file (no weights are read)."""
     path = resolve_source(source)
+    if path.is_file() and path.suffix == ".json":
+        return Tokenizer.from_dir(path)  # a tokenizer.json on its own
     if path.is_file():
         if not _is_gguf(path):
             raise CheckpointError(f"{path}: not a GGUF file and not a model directory")

@@ -221,12 +221,9 @@ def build_or_load(config: TrainConfig):
 
 
 def run_tokenizer(config: TrainConfig):
-    """The tokenizer a run encodes its data with: model.tokenizer if given, else the source's own."""
-    if config.model.tokenizer is not None:
-        from tunelab.tokenizer import Tokenizer
-
-        return Tokenizer.from_dir(config.model.tokenizer)
-    return load_any_tokenizer(config.model.source)
+    """The tokenizer a run encodes its data with: model.tokenizer if given (a tokenizer directory or file, or any
+    model source), else the source's own."""
+    return load_any_tokenizer(config.model.tokenizer or config.model.source)
 
 
 def apply_method(model, config: TrainConfig) -> None:
