@@ -75,6 +75,8 @@ class DataSection(Section):
     tag_column: int = Field(-1, description="CoNLL: column of the tags (-1 = last)")
     max_length: int = Field(512, ge=8)
     stride: int = Field(128, ge=0, description="qa: overlap between windows of a long context")
+    context_tokens: int = Field(0, ge=0, description="tagging: sub-words of the neighbouring sentences on each side "
+                                "that the model sees as document context (FLERT); 0: the sentence alone")
     packing: bool = Field(True, description="causal_lm/chat: pack documents into full rows, attention kept within each")
     max_train_examples: int | None = Field(None, ge=1)
     max_validation_examples: int | None = Field(None, ge=1)

@@ -59,7 +59,7 @@ def _rows(config: TrainConfig, tokenizer, labels: list[str], use_data_file: bool
         examples = load_tagging(d.train_paths(), labels=labels or None, tokens_field=d.tokens_field,
                                 tags_field=d.tags_field, token_column=d.token_column, tag_column=d.tag_column)[0]
         encoded = encode_tagging(examples, tokenizer, labels, d.max_length,
-                                 label_all_subwords=config.task.label_all_subwords)
+                                 label_all_subwords=config.task.label_all_subwords, context_tokens=d.context_tokens)
         return encoded.features, examples
     prepared = prepare_data(config, tokenizer, labels=labels or None)
     if use_data_file:
@@ -149,7 +149,8 @@ def _predict_rows(config: TrainConfig, tokenizer, labels):
 
         examples, _ = load_tagging(d.train_paths(), tokens_field=d.tokens_field, tags_field=None, tag_column=None,
                                    token_column=d.token_column, labels=labels)
-        return encode_tagging(examples, tokenizer, labels, d.max_length).features, examples
+        return encode_tagging(examples, tokenizer, labels, d.max_length,
+                              context_tokens=d.context_tokens).features, examples
     from tunelab.data.qa import encode_qa_eval, read_squad
 
     examples = [e for p in d.train_paths() for e in read_squad(p)]

@@ -99,7 +99,8 @@ def _prepare_tagging(config: TrainConfig, tokenizer, labels) -> PreparedData:
     validation = load_tagging(d.validation_paths(), labels=labels, **kw)[0] if d.validation_paths() else None
     train, validation = _split(config, train, validation)
     train, validation = _limit(train, d.max_train_examples), _limit(validation, d.max_validation_examples)
-    encode = lambda ex: encode_tagging(ex, tokenizer, labels, d.max_length, label_all_subwords=task.label_all_subwords)  # noqa: E731
+    encode = lambda ex: encode_tagging(ex, tokenizer, labels, d.max_length,  # noqa: E731
+                                       label_all_subwords=task.label_all_subwords, context_tokens=d.context_tokens)
     return PreparedData(encode(train), encode(validation) if validation else None, labels, validation, len(train))
 
 

@@ -175,3 +175,36 @@ def test_align_predictions_roundtrip_on_conll(minilm, conll_valid):
     assert align_predictions(predictions, dataset.features, labels) == [e.tags for e in examples]
     logits = torch.nn.functional.one_hot(predictions, len(labels)).float()
     assert align_predictions(logits, dataset.features, labels) == [e.tags for e in examples]
+
+
+@pytest.mark.real
+def test_document_context_surrounds_the_sentence_and_stops_at_docstart(minilm, tmp_path):
+    path = write(tmp_path, "docs.conll", "-DOCSTART- O\n\nAlpha O\nBeta O\n\nJohn B-PER\nlives O\n\nin O\nParis B-LOC\n\n"
+                 "-DOCSTART- O\n\nGamma O\n\n")
+    examples, labels = load_tagging(path)
+    plain = encode_tagging(examples, minilm, labels, 64)
+    wide = encode_tagging(examples, minilm, labels, 64, context_tokens=2)
+    john = wide[1]
+    text = minilm.decode(john["input_ids"], skip_special_tokens=False)
+    assert text == "[CLS] alpha beta john lives in paris [SEP]"
+    # the sentence's own words keep their word ids and labels; context tokens carry neither
+    assert john["word_ids"] == [None, None, None, 0, 1, None, None, None]
+    assert [x for x in john["labels"] if x != -100] == [x for x in plain[1]["labels"] if x != -100]
+    assert john["token_type_ids"] == [0] * len(john["input_ids"])
+    # "Gamma" is in the next document: "paris" gets no right context from it, and gamma no left context
+    assert minilm.decode(wide[2]["input_ids"], skip_special_tokens=False) == "[CLS] john lives in paris [SEP]"
+    assert minilm.decode(wide[3]["input_ids"], skip_special_tokens=False) == "[CLS] gamma [SEP]"
+    assert align_predictions([[labels.index("B-PER")] * 8], [john], labels) == [["B-PER", "B-PER"]]
+
+
+@pytest.mark.real
+def test_document_context_never_displaces_the_sentence(minilm, conll_valid):
+    examples, labels = conll_valid
+    examples = examples[:300]
+    plain = encode_tagging(examples, minilm, labels, 48)
+    wide = encode_tagging(examples, minilm, labels, 48, context_tokens=64)
+    assert wide.num_truncated == plain.num_truncated
+    for a, b in zip(plain.features, wide.features):
+        assert len(b["input_ids"]) <= 48
+        assert [w for w in a["word_ids"] if w is not None] == [w for w in b["word_ids"] if w is not None]
+        assert [x for x in a["labels"] if x != -100] == [x for x in b["labels"] if x != -100]
