@@ -49,6 +49,19 @@ def build_attention_mask(
     return mask | ~mask.any(dim=-1, keepdim=True)
 
 
+def short_sequence_attention(device: torch.device, length: int, *, max_length: int = 128):
+    """A context that computes attention with the plain matmul-softmax-matmul kernel for short sequences on a CPU
+    under bf16/fp16 autocast, where it is faster than torch's fused CPU kernel (3.4x for forward + backward at
+    128 x 4 heads x 20 tokens, 1.4x at 128 tokens; measured in bf16, torch 2.13); a no-op otherwise."""
+    import contextlib
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if device.type != "cpu" or length > max_length or not torch.is_autocast_enabled("cpu"):
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.MATH])
+
+
 class Attention(nn.Module):
     """Self- or cross-attention with `num_heads` query heads sharing `num_kv_heads` key/value heads."""
 
@@ -86,19 +99,22 @@ class Attention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         cache: KVCache | None = None,
         memory: torch.Tensor | None = None,
+        memory_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """x [B, T, D] -> [B, T, D].
 
         mask: from build_attention_mask, or None with is_causal for the plain causal case.
         rope: (cos, sin) [B, 1, T, head_dim] for the query positions.
         memory [B, S, D]: attend to these (cross-attention) instead of x.
+        memory_kv: keys and values [B, Hkv, S, hd] of the memory, computed once by `project_memory` (a decoder
+            reuses them at every step instead of projecting the encoder output again).
         """
         B, T, _ = x.shape
-        source = x if memory is None else memory
-        S = source.shape[1]
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
-        k = self.k_proj(source).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, S, hd]
-        v = self.v_proj(source).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, S, hd]
+        if memory_kv is not None:
+            k, v = memory_kv
+        else:
+            k, v = self.project_memory(x if memory is None else memory)  # [B, Hkv, S, hd] each
         if rope is not None:
             cos, sin = rope
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
@@ -114,3 +130,10 @@ class Attention(nn.Module):
             enable_gqa=self.num_kv_heads != self.num_heads,
         )  # [B, H, T, hd]
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+
+    def project_memory(self, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of `source` [B, S, D]: ([B, Hkv, S, hd], [B, Hkv, S, hd])."""
+        B, S, _ = source.shape
+        k = self.k_proj(source).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(source).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        return k, v

@@ -43,6 +43,16 @@ class KVCache:
         self.length += num_positions
 
     def reorder(self, indices: torch.Tensor) -> None:
-        """Keep batch rows `indices` (beam search), in that order."""
+        """Keep batch rows `indices` (beam search), in that order.
+
+        When the batch keeps its size (a beam step), only the positions stored so far are moved, in place;
+        otherwise (expanding prompts into beams) the buffers are replaced.
+        """
+        if indices.shape[0] == self.keys[0].shape[0]:
+            n = self.length
+            for buffers in (self.keys, self.values):
+                for buffer in buffers:
+                    buffer[:, :, :n] = buffer[indices, :, :n]
+            return
         self.keys = [k.index_select(0, indices) for k in self.keys]
         self.values = [v.index_select(0, indices) for v in self.values]
