@@ -100,6 +100,8 @@ class DataSection(Section):
     context_tokens: int = Field(0, ge=0, description="tagging: sub-words of the neighbouring sentences on each side "
                                 "that the model sees as document context (FLERT); 0: the sentence alone")
     packing: bool = Field(True, description="causal_lm/chat: pack documents into full rows, attention kept within each")
+    random_offsets: bool = Field(False, description="causal_lm with packing: cut the training text into rows at a new "
+                                 "random offset every epoch, so that each epoch shows other windows")
     max_train_examples: int | None = Field(None, ge=1)
     max_validation_examples: int | None = Field(None, ge=1)
 

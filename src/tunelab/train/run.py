@@ -135,23 +135,31 @@ def _prepare_chat(config: TrainConfig, tokenizer, labels) -> PreparedData:
 
 
 def _prepare_causal_lm(config: TrainConfig, tokenizer, labels) -> PreparedData:
-    from tunelab.data.text import encode_causal_lm, load_text
+    from tunelab.data.text import ShiftingWindows, encode_causal_lm, load_text
 
     d = config.data
+    shifting = d.random_offsets and d.packing
     train = load_text(d.train_paths(), format=d.format, text_field=d.text_field)
     validation = load_text(d.validation_paths(), format=d.format, text_field=d.text_field) if d.validation_paths() else None
-    encode = lambda docs: encode_causal_lm(docs, tokenizer, d.max_length, packing=d.packing)  # noqa: E731
+    encode = lambda docs, **kw: encode_causal_lm(docs, tokenizer, d.max_length, packing=d.packing, **kw)  # noqa: E731
     if validation is None and len(train) == 1 and d.validation_split > 0:
         # one corpus file (tinyshakespeare): hold out the last fraction of its rows, as nanoGPT does
         rows = encode(train)
         cut = len(rows.features) - max(1, round(len(rows.features) * d.validation_split)) if len(rows) > 1 else 1
-        train_rows = type(rows)(rows.features[:cut], num_examples=1, num_truncated=rows.num_truncated)
+        train_features = rows.features[:cut]
+        if shifting:
+            train_features = ShiftingWindows.from_rows(train_features, d.max_length, seed=config.train.seed)
+        train_rows = type(rows)(train_features, num_examples=1, num_truncated=rows.num_truncated)
         val_rows = type(rows)(rows.features[cut:], num_examples=1) if rows.features[cut:] else None
     else:
         train, validation = _split(config, train, validation)
-        train_rows, val_rows = encode(train), (encode(validation) if validation else None)
+        train_rows = encode(train, random_offsets=shifting, seed=config.train.seed)
+        val_rows = encode(validation) if validation else None
     # rows are the examples of a language model: max_*_examples limit them
-    train_rows.features = _limit(train_rows.features, d.max_train_examples)
+    if isinstance(train_rows.features, ShiftingWindows):
+        train_rows.features.truncate(d.max_train_examples)
+    else:
+        train_rows.features = _limit(train_rows.features, d.max_train_examples)
     if val_rows is not None:
         val_rows.features = _limit(val_rows.features, d.max_validation_examples)
     return PreparedData(train_rows, val_rows, [], validation or [], len(train))
@@ -421,6 +429,8 @@ def train(config: TrainConfig, *, resume: bool = False, show_progress: bool = Tr
 
     def make_sampler(epoch: int, start_batch: int):
         sampler.set_epoch(epoch, min(start_batch, sampler.num_batches))
+        if hasattr(data.train.features, "set_epoch"):
+            data.train.features.set_epoch(epoch)  # ShiftingWindows: this epoch's cut of the text
         return sampler
 
     batches = Batches(data.train.features, make_sampler, lambda rows: pad_collate(rows, pad_token_id=pad_id))

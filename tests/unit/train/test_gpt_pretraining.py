@@ -26,13 +26,13 @@ TINY_GPT = {"family": "gpt2", "hidden_size": 32, "num_layers": 2, "num_heads": 4
             "dropout": 0.0, "attention_dropout": 0.0}
 
 
-def gpt_config(output_dir: Path, *, model: dict | None = None, **train) -> TrainConfig:
+def gpt_config(output_dir: Path, *, model: dict | None = None, data: dict | None = None, **train) -> TrainConfig:
     return validate(TrainConfig, {
         "output_dir": str(output_dir),
         "model": model or {"architecture": TINY_GPT, "train_tokenizer": {"type": "char"}},
         "task": {"type": "causal_lm"},
         "data": {"train": str(SHAKESPEARE), "max_length": 64, "validation_split": 0.1, "max_train_examples": 512,
-                 "max_validation_examples": 24},
+                 "max_validation_examples": 24, **(data or {})},
         "train": {"max_steps": 60, "batch_size": 16, "lr": 3e-3, "warmup": 0, "save_steps": 0, "eval_steps": 30,
                   "eval_at_start": True, "logging_steps": 10, "precision": "fp32", "sample_prompts": ["ROMEO:"],
                   "sample_max_new_tokens": 40, **train},
@@ -191,3 +191,66 @@ def test_a_vocabulary_too_small_for_the_data_stops_the_run_before_training(tmp_p
     with pytest.raises(ConfigError, match="vocabulary size 30 is too small .* need 67 ids"):
         train(config, show_progress=False, log=lambda *_: None)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+# ------------------------------------------------------------------------------------------ shifting windows
+
+
+def test_shifting_windows_at_epoch_0_are_the_packed_rows_and_later_epochs_other_cuts_of_the_same_text():
+    import random
+
+    from tunelab.data.text import ShiftingWindows, pack_documents
+
+    rng = random.Random(0)
+    documents = [[rng.randrange(2, 50) for _ in range(rng.randrange(1, 40))] + [1] for _ in range(60)]
+    stream = [t for d in documents for t in d]
+    windows = ShiftingWindows(documents, 16, seed=3)
+    full_rows = [r for r in pack_documents(documents, 16) if r["length"] == 16]
+    assert len(windows) == (len(stream) - 15) // 16 and len(full_rows) - len(windows) <= 1
+    assert [windows[i] for i in range(len(windows))] == full_rows[:len(windows)]
+
+    offsets = set()
+    for epoch in range(1, 8):
+        windows.set_epoch(epoch)
+        offsets.add(windows.offset)
+        for i in (0, len(windows) // 2, len(windows) - 1):
+            row = windows[i]
+            start = windows.offset + 16 * i
+            assert row["input_ids"] == stream[start:start + 16]
+            # a document starting inside the row: document id + 1, position 0, no target
+            for t in range(1, 16):
+                new_document = row["document_ids"][t] != row["document_ids"][t - 1]
+                assert new_document == (row["position_ids"][t] == 0) == (row["labels"][t] == -100)
+                assert new_document == (row["input_ids"][t - 1] == 1)  # the previous token ended a document (EOS)
+    assert len(offsets) >= 5 and 0 not in offsets or len(offsets) >= 6
+    windows.set_epoch(4)
+    again = ShiftingWindows(documents, 16, seed=3)
+    again.set_epoch(4)
+    assert again.offset == windows.offset and again[5] == windows[5]
+
+
+def test_random_offsets_train_and_resume_exactly(tmp_path):
+    """Two steps an epoch, twelve steps: six cuts of the text; a run resumed at step 6 ends with the same weights."""
+    from safetensors.torch import load_file
+
+    def config(name, random_offsets=True):
+        return gpt_config(tmp_path / name, data={"random_offsets": random_offsets, "max_train_examples": 32}, max_steps=12,
+                          eval_steps=0, save_steps=6, eval_at_start=False, sample_prompts=[],
+                          model={"architecture": {**TINY_GPT, "dropout": 0.1}, "train_tokenizer": {"type": "char"}})
+
+    whole = train(config("whole"), show_progress=False, log=lambda *_: None)
+    fixed = train(config("fixed", random_offsets=False), show_progress=False, log=lambda *_: None)
+    assert abs(fixed["loss"] - whole["loss"]) > 1e-4  # other windows after the first epoch: other updates
+    assert [r["epoch"] for r in records(tmp_path / "whole" / "metrics.jsonl") if r["split"] == "train"][-1] == 6.0
+
+    # the same run stopped after its checkpoint at step 6 (a copy of the directory without what came later)
+    import shutil
+
+    shutil.copytree(tmp_path / "whole", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "model")
+    assert [p.name for p in (tmp_path / "resumed").glob("checkpoint-*")] == ["checkpoint-6"]
+    resumed = train(config("resumed"), resume=True, show_progress=False, log=lambda *_: None)
+    assert resumed["loss"] == whole["loss"]
+    a = load_file(tmp_path / "whole" / "model" / "model.safetensors")
+    b = load_file(tmp_path / "resumed" / "model" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
