@@ -1,8 +1,10 @@
-"""tunelab's own figures where there is no HF side to run: extractive QA on XQuAD (held-out articles)
-and SmolLM2-135M-Instruct LoRA SFT on the alpaca sample (validation loss and perplexity before / after).
+"""tunelab's own figures where there is no HF side to run: extractive QA on XQuAD (held-out articles),
+SmolLM2-135M-Instruct LoRA SFT on the alpaca sample (validation loss and perplexity before / after), and a
+character-level GPT pretrained from scratch on tinyshakespeare (validation loss in nats per character).
 
     python benchmarks/task_figures.py xquad
     python benchmarks/task_figures.py alpaca
+    python benchmarks/task_figures.py shakespeare
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-JOBS = {"xquad": "configs/xquad-minilm.yaml", "alpaca": "configs/alpaca-smollm2-lora.yaml"}
+JOBS = {"xquad": "configs/xquad-minilm.yaml", "alpaca": "configs/alpaca-smollm2-lora.yaml",
+        "shakespeare": "configs/tinyshakespeare-gpt.yaml"}
 
 
 def main() -> None:
@@ -39,16 +42,26 @@ def main() -> None:
     final = json.loads((out / "metrics.json").read_text())
     record = {"job": args.job, "time": stamp, "minutes": minutes, "final": {k: v for k, v in final.items()
               if isinstance(v, (int, float))}, "first_validation": validation[0] if validation else None}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    with open(RESULTS / "tasks.jsonl", "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
-    if args.job == "xquad":
+    if args.job == "shakespeare":
+        train = [r for r in history if r["split"] == "train"]
+        speeds = sorted(r["tokens_per_second"] for r in train)
+        samples = [json.loads(line) for line in open(out / "samples.jsonl", encoding="utf-8")]
+        record["tokens_per_second_median"] = speeds[len(speeds) // 2]
+        print(f"tinyshakespeare char GPT from scratch: validation loss {final['loss']:.4f} nats/char "
+              f"(perplexity {final['perplexity']:.3f}) after {final['step']} steps, {minutes:.1f} min in all, "
+              f"{speeds[len(speeds) // 2]:.0f} tokens/s (median of the logging windows)")
+        print(f"last sample (step {samples[-1]['step']}):\n{samples[-1]['prompt']}{samples[-1]['text']}")
+    elif args.job == "xquad":
         print(f"XQuAD-en, held-out articles: exact match {final['exact_match']:.4f}, F1 {final['f1']:.4f} "
               f"({minutes:.1f} min)")
     else:
         before = validation[0]
         print(f"SmolLM2-135M-Instruct LoRA SFT on alpaca: validation loss {before['loss']:.4f} -> {final['loss']:.4f}, "
               f"perplexity {before['perplexity']:.3f} -> {final['perplexity']:.3f} ({minutes:.1f} min)")
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    with open(RESULTS / "tasks.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import sys
 from tunelab import __version__
 from tunelab.errors import TunelabError
 
-SUBCOMMANDS = ("train", "plan", "eval", "predict", "generate", "embed", "fill_mask", "convert", "models")
+SUBCOMMANDS = ("train", "plan", "eval", "predict", "generate", "embed", "fill_mask", "convert", "models", "tokenizer")
 
 
 def build_parser() -> argparse.ArgumentParser:

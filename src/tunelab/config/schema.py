@@ -18,6 +18,18 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class TokenizerTrainingSection(Section):
+    """A tokenizer trained on data.train when the run starts (see tunelab.tokenizer.training)."""
+
+    type: Literal["bpe", "byte-bpe", "wordpiece", "char"] = Field(
+        description="bpe (character BPE, '▁' marks spaces), byte-bpe (GPT-2), wordpiece (BERT), char (one id per character)")
+    vocab_size: int | None = Field(None, ge=2, description="ids, special tokens included (char: an upper bound)")
+    min_frequency: int | None = Field(None, ge=1, description="least count of a merge (2), or of a character (char: 1)")
+    lowercase: bool | None = Field(None, description="lower-case the text (default: true for wordpiece only)")
+    special_tokens: list[str] = Field(default_factory=list, description="more special tokens to reserve ids for")
+    limit_alphabet: int | None = Field(None, ge=1, description="bpe, wordpiece: keep the N most frequent characters")
+
+
 class ModelSection(Section):
     source: str | None = Field(
         None, description="registered name (tunelab models), HF directory, GGUF file, or a tunelab run directory"
@@ -29,6 +41,10 @@ class ModelSection(Section):
     tokenizer: str | None = Field(
         None, description="tokenizer directory or tokenizer.json (needed with architecture; default: the source's own)"
     )
+    train_tokenizer: TokenizerTrainingSection | None = Field(
+        None, description="with architecture, instead of tokenizer: train one on data.train first, e.g. {type: char}; "
+        "kept in output_dir/tokenizer/ and saved with the model",
+    )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="dtype the weights are held in (master weights; autocast is train.precision)"
     )
@@ -37,9 +53,15 @@ class ModelSection(Section):
     def _one_origin(self) -> "ModelSection":
         if (self.source is None) == (self.architecture is None):
             raise ValueError("give exactly one of model.source (a trained model) and model.architecture (from scratch)")
+        if self.tokenizer is not None and self.train_tokenizer is not None:
+            raise ValueError("give at most one of model.tokenizer (an existing one) and model.train_tokenizer")
+        if self.train_tokenizer is not None and self.architecture is None:
+            raise ValueError("model.train_tokenizer makes a new vocabulary, which only a model built from scratch "
+                             "(model.architecture) can use")
         if self.architecture is not None:
-            if self.tokenizer is None:
-                raise ValueError("model.architecture needs model.tokenizer (train one with `tunelab tokenizer train`)")
+            if self.tokenizer is None and self.train_tokenizer is None:
+                raise ValueError("model.architecture needs model.tokenizer (a directory made by `tunelab tokenizer "
+                                 "train`, or any model's) or model.train_tokenizer (e.g. {type: char})")
             if "family" not in self.architecture:
                 raise ValueError("model.architecture needs a family (bert, gpt2, llama, ...)")
         return self
@@ -78,6 +100,8 @@ class DataSection(Section):
     context_tokens: int = Field(0, ge=0, description="tagging: sub-words of the neighbouring sentences on each side "
                                 "that the model sees as document context (FLERT); 0: the sentence alone")
     packing: bool = Field(True, description="causal_lm/chat: pack documents into full rows, attention kept within each")
+    random_offsets: bool = Field(False, description="causal_lm with packing: cut the training text into rows at a new "
+                                 "random offset every epoch, so that each epoch shows other windows")
     max_train_examples: int | None = Field(None, ge=1)
     max_validation_examples: int | None = Field(None, ge=1)
 
@@ -129,12 +153,25 @@ class TrainSection(Section):
     group_by_length: bool = True
     eval_batch_size: int | None = Field(None, ge=1)
     num_threads: int | None = Field(None, ge=1, description="CPU threads (default: all cores)")
+    sample_prompts: list[str] = Field(
+        default_factory=list, description="causal_lm, chat: at each evaluation, continue each prompt and log the text "
+        "(printed, samples.jsonl, TensorBoard)")
+    sample_max_new_tokens: int = Field(200, ge=1, description="length of each sample in tokens")
+    sample_temperature: float = Field(0.8, ge=0, description="sampling temperature of the samples (0: greedy)")
 
     @model_validator(mode="after")
     def _length(self) -> "TrainSection":
         if self.epochs is None and self.max_steps is None:
             self.epochs = 1.0
         return self
+
+    @field_validator("sample_prompts")
+    @classmethod
+    def _prompts(cls, prompts: list[str]) -> list[str]:
+        for i, prompt in enumerate(prompts):
+            if not prompt:
+                raise ValueError(f"prompt {i} is empty; a sample continues a prompt of at least one character")
+        return prompts
 
 
 class TrainConfig(Section):
@@ -156,4 +193,7 @@ class TrainConfig(Section):
     def _consistent(self) -> "TrainConfig":
         if self.method.type == "qlora" and self.model.dtype == "float16":
             raise ValueError("qlora keeps non-quantised weights in float32 or bfloat16")
+        if self.train.sample_prompts and self.task.type not in ("causal_lm", "chat"):
+            raise ValueError(f"train.sample_prompts: samples are generated text, for causal_lm and chat tasks, "
+                             f"not {self.task.type}")
         return self

@@ -66,7 +66,8 @@ def _paragraphs(text: str) -> list[str]:
 
 
 def encode_causal_lm(documents: Sequence[str], tokenizer: Tokenizer, max_length: int, *, packing: bool = True,
-                     add_eos: bool = True, add_special_tokens: bool = True, drop_last: bool = False) -> EncodedDataset:
+                     add_eos: bool = True, add_special_tokens: bool = True, drop_last: bool = False,
+                     random_offsets: bool = False, seed: int = 0) -> EncodedDataset:
     """Rows for next-token prediction: "input_ids", "labels" (= input ids, -100 where nothing is to be
     predicted; the shift happens in the loss), "length", and with packing "position_ids", "document_ids".
 
@@ -75,6 +76,7 @@ def encode_causal_lm(documents: Sequence[str], tokenizer: Tokenizer, max_length:
     inside a row gets label -100 on its first token, which would otherwise be predicted from the previous
     document. packing=False: one row per document, cut to `max_length` (num_truncated counts those).
     add_special_tokens adds the tokenizer's own BOS/EOS framing (e.g. Llama's <s>) to every document.
+    random_offsets (with packing): the rows are ShiftingWindows, cut at a new offset every epoch.
     """
     if max_length < 2:
         raise ValueError(f"max_length must be at least 2 for next-token prediction, got {max_length}")
@@ -97,7 +99,10 @@ def encode_causal_lm(documents: Sequence[str], tokenizer: Tokenizer, max_length:
                 dataset.num_truncated += 1
             dataset.features.append({"input_ids": ids, "labels": list(ids), "length": len(ids)})
         return dataset
-    dataset.features = pack_documents(token_lists, max_length, drop_last=drop_last)
+    if random_offsets:
+        dataset.features = ShiftingWindows(token_lists, max_length, seed=seed)
+    else:
+        dataset.features = pack_documents(token_lists, max_length, drop_last=drop_last)
     return dataset
 
 
@@ -134,3 +139,72 @@ def pack_documents(token_lists: Iterable[list[int]], max_length: int, *, drop_la
     if ids and not drop_last:
         flush()
     return rows
+
+
+class ShiftingWindows(Sequence):
+    """Training rows of packed documents, cut at an offset that changes every epoch.
+
+    Fixed rows show a model the same windows in every epoch: the same token always sits at position 0 and
+    the same context always precedes each token. Cutting the token stream at a new random offset each epoch
+    (nanoGPT samples windows at random places for the same reason) shows new windows at no extra cost.
+    Every row has exactly `max_length` tokens, with the "document_ids", "position_ids" and "labels" that
+    `pack_documents` gives (at offset 0 the rows are pack_documents' full rows); the count of rows is the
+    same in every epoch: the stream's last partial window is left out. `set_epoch(e)` picks the offset of
+    epoch e from the seed (epoch 0: offset 0), so a resumed run sees the same rows.
+    """
+
+    def __init__(self, token_lists: Iterable[list[int]], max_length: int, *, seed: int = 0) -> None:
+        import numpy as np
+
+        if max_length < 2:
+            raise ValueError(f"max_length must be at least 2, got {max_length}")
+        lists = [list(tokens) for tokens in token_lists if tokens]
+        self.max_length, self.seed = max_length, seed
+        self._ids = np.fromiter((t for tokens in lists for t in tokens), dtype=np.int64)
+        self._starts = np.zeros(len(self._ids), dtype=bool)  # True at the first token of each document
+        self._starts[np.cumsum([0] + [len(tokens) for tokens in lists[:-1]], dtype=np.int64)] = bool(lists)
+        count = max(0, (len(self._ids) - max_length + 1) // max_length)
+        if count == 0 and len(self._ids) >= max_length:
+            count = 1
+        self._count = count
+        self.offset = 0
+
+    def truncate(self, max_rows: int | None) -> None:
+        """Keep at most `max_rows` rows per epoch (data.max_train_examples)."""
+        if max_rows is not None:
+            self._count = min(self._count, max_rows)
+
+    @classmethod
+    def from_rows(cls, rows: Sequence[dict], max_length: int, **kwargs) -> "ShiftingWindows":
+        """Windows over the stream of consecutive packed rows of ONE document (a single corpus file)."""
+        return cls([[token for row in rows for token in row["input_ids"]]], max_length, **kwargs)
+
+    def set_epoch(self, epoch: int) -> None:
+        import random
+
+        slack = len(self._ids) - self._count * self.max_length  # room to shift without losing a row
+        self.offset = 0 if epoch == 0 or slack <= 0 else random.Random(self.seed * 1_000_003 + epoch).randrange(
+            min(slack, self.max_length - 1) + 1)
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __getitem__(self, index):
+        import numpy as np
+
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"row {index} of {len(self)}")
+        index %= len(self)
+        start = self.offset + index * self.max_length
+        ids = self._ids[start:start + self.max_length]
+        starts = self._starts[start:start + self.max_length].copy()
+        labels = ids.copy()
+        labels[starts] = IGNORE_INDEX  # a document that starts inside the row is not predicted from the one before
+        labels[0] = ids[0]
+        starts[0] = True  # the row's first token starts its piece of a document
+        steps = np.arange(len(ids))
+        positions = steps - np.maximum.accumulate(np.where(starts, steps, 0))
+        return {"input_ids": ids.tolist(), "labels": labels.tolist(), "position_ids": positions.tolist(),
+                "document_ids": (np.cumsum(starts) - 1).tolist(), "length": len(ids)}

@@ -151,6 +151,10 @@ def decoder_attention_mask(
     key_len = past_len + query_len
     if attention_mask is not None and bool(attention_mask.all()):
         attention_mask = None
+    if document_ids is not None and not bool((document_ids > 0).any()):
+        # every row holds one document (a long text cut into rows; padding is -1 and masked as padding):
+        # per-document attention is plain causal attention, which takes the fused kernel below
+        document_ids = None
     if sliding_window is not None and key_len <= sliding_window:
         sliding_window = None
     if attention_mask is None and document_ids is None and sliding_window is None:

@@ -58,10 +58,10 @@ def make_plan(config: TrainConfig, *, timing_steps: int = 4) -> Plan:
     from tunelab.train.trainer import autocast_context, resolve_precision
 
     s = config.train
-    tokenizer = run_tokenizer(config)
+    tokenizer = run_tokenizer(config, retrain=True, save=False)  # a plan writes nothing to output_dir
     data = prepare_data(config, tokenizer)
     seed_everything(s.seed)
-    model, tokenizer = prepare_model(config, data.labels)
+    model, tokenizer = prepare_model(config, data.labels, tokenizer)
     model.train()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     step = make_step(config.task.type, labels=data.labels, examples=data.validation_examples, pad_token_id=pad_id)

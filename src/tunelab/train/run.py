@@ -3,7 +3,9 @@
 Run directory:
     config.yaml        the resolved config (what `--resume` and `tunelab eval RUN` read back)
     env.json           versions and machine
+    tokenizer/         the tokenizer trained for this run (model.train_tokenizer)
     metrics.jsonl      train and validation metrics, one JSON object per line
+    samples.jsonl      text generated from train.sample_prompts at each evaluation (language models)
     tensorboard/       TensorBoard event files
     checkpoint-N/      resumable checkpoints (trained weights, optimizer, scheduler, RNG, data position)
     checkpoint-best/   weights of the best evaluation so far
@@ -31,6 +33,7 @@ from tunelab.config.schema import TrainConfig
 from tunelab.errors import ConfigError, DataError, TunelabError
 
 CONFIG_FILE = "config.yaml"
+TOKENIZER_DIR = "tokenizer"
 
 
 @dataclass
@@ -132,23 +135,31 @@ def _prepare_chat(config: TrainConfig, tokenizer, labels) -> PreparedData:
 
 
 def _prepare_causal_lm(config: TrainConfig, tokenizer, labels) -> PreparedData:
-    from tunelab.data.text import encode_causal_lm, load_text
+    from tunelab.data.text import ShiftingWindows, encode_causal_lm, load_text
 
     d = config.data
+    shifting = d.random_offsets and d.packing
     train = load_text(d.train_paths(), format=d.format, text_field=d.text_field)
     validation = load_text(d.validation_paths(), format=d.format, text_field=d.text_field) if d.validation_paths() else None
-    encode = lambda docs: encode_causal_lm(docs, tokenizer, d.max_length, packing=d.packing)  # noqa: E731
+    encode = lambda docs, **kw: encode_causal_lm(docs, tokenizer, d.max_length, packing=d.packing, **kw)  # noqa: E731
     if validation is None and len(train) == 1 and d.validation_split > 0:
         # one corpus file (tinyshakespeare): hold out the last fraction of its rows, as nanoGPT does
         rows = encode(train)
         cut = len(rows.features) - max(1, round(len(rows.features) * d.validation_split)) if len(rows) > 1 else 1
-        train_rows = type(rows)(rows.features[:cut], num_examples=1, num_truncated=rows.num_truncated)
+        train_features = rows.features[:cut]
+        if shifting:
+            train_features = ShiftingWindows.from_rows(train_features, d.max_length, seed=config.train.seed)
+        train_rows = type(rows)(train_features, num_examples=1, num_truncated=rows.num_truncated)
         val_rows = type(rows)(rows.features[cut:], num_examples=1) if rows.features[cut:] else None
     else:
         train, validation = _split(config, train, validation)
-        train_rows, val_rows = encode(train), (encode(validation) if validation else None)
+        train_rows = encode(train, random_offsets=shifting, seed=config.train.seed)
+        val_rows = encode(validation) if validation else None
     # rows are the examples of a language model: max_*_examples limit them
-    train_rows.features = _limit(train_rows.features, d.max_train_examples)
+    if isinstance(train_rows.features, ShiftingWindows):
+        train_rows.features.truncate(d.max_train_examples)
+    else:
+        train_rows.features = _limit(train_rows.features, d.max_train_examples)
     if val_rows is not None:
         val_rows.features = _limit(val_rows.features, d.max_validation_examples)
     return PreparedData(train_rows, val_rows, [], validation or [], len(train))
@@ -169,11 +180,14 @@ DATA_PREPARERS = {
 HEAD_OF_TASK = {"classification": "classifier", "tagging": "tagger", "qa": "qa", "causal_lm": "lm", "chat": "lm"}
 
 
-def prepare_model(config: TrainConfig, labels: list[str]):
-    """The model (with exactly the task's head) and tokenizer; the method applied."""
+def prepare_model(config: TrainConfig, labels: list[str], tokenizer=None):
+    """The model (with exactly the task's head) and tokenizer; the method applied.
+
+    `tokenizer`: the one the data was encoded with, when the caller has it already (else run_tokenizer's).
+    """
     from tunelab.models.registry import make_head
 
-    model, tokenizer = build_or_load(config)
+    model, tokenizer = build_or_load(config, tokenizer)
     head = HEAD_OF_TASK[config.task.type]
     if labels:
         if head in model.heads and list(model.config.labels) != list(labels):
@@ -195,17 +209,20 @@ def prepare_model(config: TrainConfig, labels: list[str]):
     return model, tokenizer
 
 
-def build_or_load(config: TrainConfig):
-    """(model, tokenizer): the trained model of model.source, or a fresh one of model.architecture."""
+def build_or_load(config: TrainConfig, tokenizer=None):
+    """(model, tokenizer): the trained model of model.source, or a fresh one of model.architecture.
+
+    `tokenizer`: the run's tokenizer when the caller has it already (else run_tokenizer(config) is used).
+    """
     if config.model.source is not None:
-        model, tokenizer = load_any(config.model.source, dtype=config.model.dtype)
+        model, own_tokenizer = load_any(config.model.source, dtype=config.model.dtype)
         if config.model.tokenizer is not None:
-            tokenizer = run_tokenizer(config)
-        return model, tokenizer
+            return model, tokenizer if tokenizer is not None else run_tokenizer(config)
+        return model, own_tokenizer
     from tunelab.checkpoint.load import parse_dtype
     from tunelab.models.registry import build_model, config_from_architecture
 
-    tokenizer = run_tokenizer(config)
+    tokenizer = tokenizer if tokenizer is not None else run_tokenizer(config)
     first = lambda *ids: next((i for i in ids if i is not None), None)  # noqa: E731
     ids = {"vocab_size": tokenizer.vocab_size, "pad_token_id": tokenizer.pad_token_id,
            "bos_token_id": first(tokenizer.bos_token_id, tokenizer.cls_token_id),
@@ -216,15 +233,42 @@ def build_or_load(config: TrainConfig):
         raise ConfigError(str(err)) from err
     if model_config.vocab_size < tokenizer.vocab_size:
         raise ConfigError(f"model.architecture.vocab_size {model_config.vocab_size} is smaller than the "
-                          f"tokenizer's {tokenizer.vocab_size} ids ({config.model.tokenizer})")
+                          f"tokenizer's {tokenizer.vocab_size} ids ({config.model.tokenizer or 'model.train_tokenizer'})")
     model = build_model(model_config)
     return model.to(parse_dtype(config.model.dtype)), tokenizer
 
 
-def run_tokenizer(config: TrainConfig):
+def run_tokenizer(config: TrainConfig, *, retrain: bool = False, save: bool = True):
     """The tokenizer a run encodes its data with: model.tokenizer if given (a tokenizer directory or file, or any
-    model source), else the source's own."""
+    model source), the one model.train_tokenizer trains, else the source's own.
+
+    A trained tokenizer is kept in output_dir/tokenizer/ (when `save`) and read back from there by later calls
+    and by a resumed run; `retrain` trains it again (a new run).
+    """
+    if config.model.train_tokenizer is not None:
+        return _trained_tokenizer(config, retrain=retrain, save=save)
     return load_any_tokenizer(config.model.tokenizer or config.model.source)
+
+
+def _trained_tokenizer(config: TrainConfig, *, retrain: bool, save: bool):
+    from tunelab.data.readers import FORMATS
+    from tunelab.tokenizer import Tokenizer, train_tokenizer
+
+    directory = Path(config.output_dir) / TOKENIZER_DIR
+    if not retrain and (directory / "tokenizer.json").exists():
+        return Tokenizer.from_dir(directory)
+    d, spec = config.data, config.model.train_tokenizer
+    if d.format not in ("auto", *FORMATS):
+        raise ConfigError(f"model.train_tokenizer reads data.train as text files ({', '.join(FORMATS)}); "
+                          f"data.format {d.format!r} is not one of them: train a tokenizer with `tunelab tokenizer "
+                          f"train` and give it as model.tokenizer")
+    tokenizer = train_tokenizer(d.train_paths(), type=spec.type, vocab_size=spec.vocab_size,
+                                min_frequency=spec.min_frequency, lowercase=spec.lowercase,
+                                special_tokens=spec.special_tokens, limit_alphabet=spec.limit_alphabet,
+                                format=d.format, text_field=d.text_field)
+    if save:
+        tokenizer.save(directory)
+    return tokenizer
 
 
 def apply_method(model, config: TrainConfig) -> None:
@@ -357,9 +401,10 @@ def train(config: TrainConfig, *, resume: bool = False, show_progress: bool = Tr
         torch.set_num_threads(config.train.num_threads)
     seed_everything(config.train.seed)
 
-    data = prepare_data(config, run_tokenizer(config))
+    tokenizer = run_tokenizer(config, retrain=not resume)
+    data = prepare_data(config, tokenizer)
     seed_everything(config.train.seed)
-    model, tokenizer = prepare_model(config, data.labels)
+    model, tokenizer = prepare_model(config, data.labels, tokenizer)
     if not data.train.features:
         raise DataError(f"{config.data.train}: no training rows after encoding ({data.train.summary()})")
     log(f"train: {data.train.summary()}" + (f"; validation: {data.validation.summary()}" if data.validation else ""))
@@ -384,16 +429,34 @@ def train(config: TrainConfig, *, resume: bool = False, show_progress: bool = Tr
 
     def make_sampler(epoch: int, start_batch: int):
         sampler.set_epoch(epoch, min(start_batch, sampler.num_batches))
+        if hasattr(data.train.features, "set_epoch"):
+            data.train.features.set_epoch(epoch)  # ShiftingWindows: this epoch's cut of the text
         return sampler
 
     batches = Batches(data.train.features, make_sampler, lambda rows: pad_collate(rows, pad_token_id=pad_id))
     eval_rows = data.validation.features if data.validation is not None else None
-    trainer = Trainer(model, step, batches, eval_rows, s, run_dir, show_progress=show_progress)
+    samples = None
+    if s.sample_prompts:
+        from tqdm.auto import tqdm
+
+        from tunelab.train.samples import TextSamples
+
+        samples = TextSamples(model, tokenizer, s.sample_prompts, run_dir, max_new_tokens=s.sample_max_new_tokens,
+                              temperature=s.sample_temperature, seed=s.seed,
+                              echo=tqdm.write if show_progress and log is print else log)
+    trainer = Trainer(model, step, batches, eval_rows, s, run_dir, show_progress=show_progress, on_evaluate=samples)
     if resume:
         if trainer.resume():
             log(f"resumed from step {trainer.state.global_step} (epoch {trainer.state.epoch})")
         _trim_metrics(run_dir / "metrics.jsonl", trainer.state.global_step)
-    final = trainer.fit()
+        _trim_metrics(run_dir / "samples.jsonl", trainer.state.global_step)
+    try:
+        final = trainer.fit()
+        if samples is not None and eval_rows is None:
+            samples(trainer.state.global_step)  # no evaluations to sample at: once at the end
+    finally:
+        if samples is not None:
+            samples.close()
     save_final(model, tokenizer, config, run_dir)
     (run_dir / "metrics.json").write_text(json.dumps(final, indent=2) + "\n")
     write_run_report(run_dir, config, final, trainer)
@@ -440,8 +503,14 @@ def write_run_report(run_dir: Path, config: TrainConfig, final: dict, trainer) -
 
         (run_dir / "plots").mkdir(exist_ok=True)
         plot_confusion_matrix(final["confusion_matrix"], trainer.task.labels, run_dir / "plots" / "confusion_matrix.png")
+    extra = []
+    if (run_dir / "samples.jsonl").exists():
+        from tunelab.train.samples import last_samples_markdown
+
+        extra = last_samples_markdown(run_dir / "samples.jsonl")
     summary = {"model": config.model.name, "task": config.task.type, "method": config.method.type,
                "train": config.data.train, "batch_size": config.train.batch_size, "grad_accum": config.train.grad_accum,
                "lr": config.train.lr, "steps": trainer.state.global_step, "precision": str(trainer.amp_dtype or "fp32")}
     return write_report(run_dir, title=f"tunelab run: {run_dir.name}", task=config.task.type, final_metrics=final,
-                        best=best, config_summary=summary, history_path=run_dir / "metrics.jsonl")
+                        best=best, config_summary=summary, history_path=run_dir / "metrics.jsonl",
+                        extra_sections=extra)
