@@ -63,12 +63,14 @@ def _rows(config: TrainConfig, tokenizer, labels: list[str], use_data_file: bool
         encoded = encode_tagging(examples, tokenizer, labels, d.max_length,
                                  label_all_subwords=config.task.label_all_subwords, context_tokens=d.context_tokens)
         return encoded.features, examples
-    prepared = prepare_data(config, tokenizer, labels=labels or None)
     if use_data_file and config.task.type == "masked_lm":
         from tunelab.data.pretraining import mask_features
         from tunelab.train.run import masking_collator
 
+        config = config.model_copy(update={"task": config.task.model_copy(update={"dupe_factor": 1})})
+        prepared = prepare_data(config, tokenizer)  # the file's pairs, once, masked once like validation rows
         return mask_features(prepared.train.features, masking_collator(config, tokenizer, stream=1)), []
+    prepared = prepare_data(config, tokenizer, labels=labels or None)
     if use_data_file:
         return prepared.train.features, []
     if prepared.validation is None:

@@ -240,6 +240,9 @@ def prepare_model(config: TrainConfig, labels: list[str]):
     if "mlm" in heads and (model.is_decoder or model.family != "bert"):
         raise ConfigError(f"model {config.model.name}: task masked_lm needs a BERT-family encoder, "
                           f"not a {model.config.model_type} decoder")
+    if "nsp" in heads and model.config.model_type != "bert":
+        raise ConfigError(f"model {config.model.name}: next-sentence prediction is BERT's (BertForPreTraining); "
+                          f"a {model.config.model_type} model pretrains with task.nsp=false")
     from_scratch = config.model.architecture is not None
     pooler = ensure_pooler(model, heads)  # BertForMaskedLM checkpoints have none; NSP and BERT's classifier need it
     if pooler is not None and from_scratch:
