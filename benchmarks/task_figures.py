@@ -23,7 +23,7 @@ JOBS = {"xquad": "configs/xquad-minilm.yaml", "alpaca": "configs/alpaca-smollm2-
         "bert-mlm": "configs/wikitext2-bert-mlm.yaml"}
 FINE_TUNE = "configs/rotten-tomatoes-bert-mlm.yaml"
 SMALL_BERT = ("{family: bert, hidden_size: 256, num_layers: 4, num_heads: 4, intermediate_size: 1024, "
-              "max_position_embeddings: 128}")  # configs/wikitext2-bert-mlm.yaml's model.architecture
+              "max_position_embeddings: 128, hidden_dropout: 0.0, attention_dropout: 0.0}")  # as wikitext2-bert-mlm.yaml
 
 
 def run_config(config: str, out: Path, *overrides: str) -> tuple[dict, list[dict], float]:

@@ -58,6 +58,8 @@ def make_plan(config: TrainConfig, *, timing_steps: int = 4) -> Plan:
     from tunelab.train.trainer import autocast_context, objectives, resolve_precision
 
     s = config.train
+    if s.num_threads:  # as `train` does: the timing must use the threads the run will use
+        torch.set_num_threads(s.num_threads)
     tokenizer = run_tokenizer(config)
     data = prepare_data(config, tokenizer)
     seed_everything(s.seed)
