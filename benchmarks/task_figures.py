@@ -1,10 +1,13 @@
 """tunelab's own figures where there is no HF side to run: extractive QA on XQuAD (held-out articles),
-SmolLM2-135M-Instruct LoRA SFT on the alpaca sample (validation loss and perplexity before / after), and a
-character-level GPT pretrained from scratch on tinyshakespeare (validation loss in nats per character).
+SmolLM2-135M-Instruct LoRA SFT on the alpaca sample (validation loss and perplexity before / after), a
+character-level GPT pretrained from scratch on tinyshakespeare (validation loss in nats per character), and
+BERT pretraining on WikiText-2 (MLM and NSP accuracy, masked-token perplexity), then fine-tuning the result
+on rotten tomatoes against the same architecture from random initialisation.
 
     python benchmarks/task_figures.py xquad
     python benchmarks/task_figures.py alpaca
     python benchmarks/task_figures.py shakespeare
+    python benchmarks/task_figures.py bert-mlm
 """
 
 from __future__ import annotations
@@ -19,7 +22,46 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 JOBS = {"xquad": "configs/xquad-minilm.yaml", "alpaca": "configs/alpaca-smollm2-lora.yaml",
-        "shakespeare": "configs/tinyshakespeare-gpt.yaml"}
+        "shakespeare": "configs/tinyshakespeare-gpt.yaml", "bert-mlm": "configs/wikitext2-bert-mlm.yaml"}
+FINE_TUNE = "configs/rotten-tomatoes-bert-mlm.yaml"
+SMALL_BERT = ("{family: bert, hidden_size: 256, num_layers: 4, num_heads: 4, intermediate_size: 1024, "
+              "max_position_embeddings: 128, hidden_dropout: 0.0, attention_dropout: 0.0}")  # as wikitext2-bert-mlm.yaml
+
+
+def run_config(config: str, out: Path, *overrides: str) -> tuple[dict, list[dict], float]:
+    """Train `config` into `out`; (final metrics, validation records, minutes)."""
+    cmd = [sys.executable, "-m", "tunelab", "train", config, f"output_dir={out}", *overrides, "--no-progress"]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    minutes = (time.perf_counter() - start) / 60
+    if proc.returncode != 0:
+        raise SystemExit(proc.stderr[-3000:])
+    history = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    validation = [r for r in history if r["split"] == "validation"]
+    return json.loads((out / "metrics.json").read_text()), validation, minutes
+
+
+def numbers(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+
+
+def bert_mlm(out: Path, overrides: list[str], stamp: str) -> dict:
+    """Pretrain, then fine-tune the result and the same architecture from random initialisation."""
+    final, validation, minutes = run_config(JOBS["bert-mlm"], out / "pretrain", *overrides)
+    before = validation[0]
+    print(f"BERT pretraining (4 layers, 256 wide) on WikiText-2 valid.txt, validated on test.txt ({minutes:.1f} min):\n"
+          f"  MLM accuracy {before['mlm_accuracy']:.4f} -> {final['mlm_accuracy']:.4f}, masked-token perplexity "
+          f"{before['mlm_perplexity']:.1f} -> {final['mlm_perplexity']:.2f}\n"
+          f"  NSP accuracy {before['nsp_accuracy']:.4f} -> {final['nsp_accuracy']:.4f} (best step {final['step']})")
+    tuned, _, tuned_minutes = run_config(FINE_TUNE, out / "fine-tune", f"model.source={out / 'pretrain'}")
+    scratch, _, scratch_minutes = run_config(FINE_TUNE, out / "scratch", "model.source=null",
+                                             f"model.architecture={SMALL_BERT}", "model.tokenizer=minilm-l6")
+    print(f"rotten tomatoes (985 held-out sentences), the same architecture:\n"
+          f"  pretrained above: accuracy {tuned['accuracy']:.4f}, macro F1 {tuned['f1']:.4f} ({tuned_minutes:.1f} min)\n"
+          f"  random init:      accuracy {scratch['accuracy']:.4f}, macro F1 {scratch['f1']:.4f} ({scratch_minutes:.1f} min)")
+    return {"job": "bert-mlm", "time": stamp, "minutes": minutes, "final": numbers(final), "first_validation": before,
+            "fine_tune": {"pretrained": numbers(tuned), "random_init": numbers(scratch),
+                          "minutes": [tuned_minutes, scratch_minutes]}}
 
 
 def main() -> None:
@@ -29,6 +71,12 @@ def main() -> None:
     args = parser.parse_args()
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = Path(f"/tmp/tunelab-bench/{args.job}-{stamp}")
+    if args.job == "bert-mlm":
+        record = bert_mlm(out, args.overrides, stamp)
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        with open(RESULTS / "tasks.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        return
     cmd = [sys.executable, "-m", "tunelab", "train", JOBS[args.job], f"output_dir={out}", *args.overrides, "--no-progress"]
     if args.job == "alpaca":
         cmd.append("train.eval_at_start=true")

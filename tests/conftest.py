@@ -179,6 +179,32 @@ def tiny() -> SimpleNamespace:
     )
 
 
+@pytest.fixture(scope="session")
+def wordpiece_tokenizer_dir(tmp_path_factory) -> Path:
+    """A small uncased WordPiece tokenizer (2,000 pieces, BERT's special tokens and [CLS] A [SEP] B [SEP]
+    framing) trained on WikiText-2 valid.txt: BERT pretraining tests run fast with its small vocabulary."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    from tunelab.tokenizer import Tokenizer
+
+    corpus = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2" / "valid.txt"
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    backend = Backend(models.WordPiece(unk_token="[UNK]"))
+    backend.normalizer = normalizers.BertNormalizer(lowercase=True)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(vocab_size=2000, special_tokens=specials, show_progress=False)
+    backend.train_from_iterator(corpus.read_text(encoding="utf-8").splitlines(), trainer)
+    cls, sep = backend.token_to_id("[CLS]"), backend.token_to_id("[SEP]")
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    path = tmp_path_factory.mktemp("wordpiece-2000")
+    names = ("pad_token", "unk_token", "cls_token", "sep_token", "mask_token")
+    Tokenizer(backend, special_tokens=dict(zip(names, specials))).save(path)
+    return path
+
+
 def pytest_terminal_summary(terminalreporter):
     if MAX_DIFFS:
         terminalreporter.write_sep("-", "max abs differences against references")

@@ -7,12 +7,14 @@ import argparse
 
 def add_model_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--model", "-m", required=True, help="registered name (see `tunelab models`), HF directory or GGUF file"
+        "--model", "-m", required=True,
+        help="registered name (see `tunelab models`), HF directory, GGUF file or a tunelab run directory",
     )
     parser.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16")
 
 
 def load_model(args: argparse.Namespace):
-    from tunelab.checkpoint.load import load
+    """The model and tokenizer of --model (a run directory gives its final model)."""
+    from tunelab.train.run import load_any
 
-    return load(args.model, dtype=args.dtype)
+    return load_any(args.model, dtype=args.dtype)

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-TaskType = Literal["classification", "tagging", "qa", "causal_lm", "chat"]
+TaskType = Literal["classification", "tagging", "qa", "causal_lm", "chat", "masked_lm"]
 DataFormat = Literal["auto", "jsonl", "json", "csv", "tsv", "parquet", "txt", "conll", "squad", "alpaca", "sharegpt", "messages"]
 
 
@@ -81,6 +81,25 @@ class TaskSection(Section):
     label_all_subwords: bool = Field(False, description="tagging: label every sub-word, not only the first")
     max_answer_length: int = Field(30, ge=1, description="qa: longest answer span in tokens")
     train_on: Literal["assistant", "all"] = Field("assistant", description="chat: which tokens carry the loss")
+    # masked_lm: BERT pretraining (Devlin et al. 2019, sec. 3.1 and appendix A.1)
+    nsp: bool = Field(True, description="masked_lm: next-sentence prediction with the masked LM (segment pairs, "
+                      "50% true continuation, 50% from another document); false: masked LM alone")
+    mask_probability: float = Field(0.15, gt=0.0, lt=1.0, description="masked_lm: share of the tokens chosen as targets")
+    mask_token_fraction: float = Field(0.8, ge=0.0, le=1.0, description="masked_lm: chosen tokens replaced by [MASK]")
+    random_token_fraction: float = Field(0.1, ge=0.0, le=1.0,
+                                         description="masked_lm: chosen tokens replaced by a random token (the rest stay)")
+    whole_word_masking: bool = Field(False, description="masked_lm: choose whole words (a word's pieces together)")
+    short_seq_probability: float = Field(0.1, ge=0.0, le=1.0,
+                                         description="masked_lm: share of examples built shorter than max_length")
+    dupe_factor: int = Field(1, ge=1, description="masked_lm: times the documents are cut into examples, each time "
+                             "with other boundaries and other random next segments")
+
+    @model_validator(mode="after")
+    def _mask_split(self) -> "TaskSection":
+        if self.mask_token_fraction + self.random_token_fraction > 1.0 + 1e-9:
+            raise ValueError(f"task.mask_token_fraction + task.random_token_fraction must be at most 1 "
+                             f"(got {self.mask_token_fraction} + {self.random_token_fraction})")
+        return self
 
 
 class DataSection(Section):
@@ -102,6 +121,10 @@ class DataSection(Section):
     packing: bool = Field(True, description="causal_lm/chat: pack documents into full rows, attention kept within each")
     random_offsets: bool = Field(False, description="causal_lm with packing: cut the training text into rows at a new "
                                  "random offset every epoch, so that each epoch shows other windows")
+    documents: Literal["auto", "file", "paragraph", "line", "wikitext"] = Field(
+        "auto", description="what a document of a .txt file is: the whole file, blocks between blank lines, one "
+        "line, or a WikiText article (from one ' = Title = ' line to the next); auto: file for causal_lm, "
+        "paragraph for masked_lm")
     max_train_examples: int | None = Field(None, ge=1)
     max_validation_examples: int | None = Field(None, ge=1)
 

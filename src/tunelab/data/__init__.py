@@ -7,7 +7,8 @@
 
 Modules: readers (formats, `Record`, `require`, splits), classification, tagging (CoNLL, BIO), qa (SQuAD,
 windows, answer post-processing), chat (alpaca / sharegpt / messages, SFT labels), text (causal LM,
-packing), collate (padding), samplers (length-grouped and random batches).
+packing), pretraining (BERT: sentences, NSP pairs, 80/10/10 masking), collate (padding), samplers
+(length-grouped and random batches).
 """
 
 from tunelab.data.chat import Conversation, assistant_spans, encode_chat, load_chat, validate_conversation
@@ -15,6 +16,8 @@ from tunelab.data.classification import (ClassificationExample, discover_labels,
                                          load_classification)
 from tunelab.data.collate import PadCollator, pad_collate
 from tunelab.data.encoded import IGNORE_INDEX, EncodedDataset
+from tunelab.data.pretraining import (MaskedLMCollator, MaskingSettings, PairSettings, encode_pretraining,
+                                      load_documents, mask_tokens, split_sentences)
 from tunelab.data.qa import (QAExample, encode_qa_eval, encode_qa_train, postprocess_qa, read_squad,
                              split_by_article)
 from tunelab.data.readers import Record, optional, read_records, require, split_train_validation
@@ -24,9 +27,9 @@ from tunelab.data.text import encode_causal_lm, load_text, pack_documents
 
 __all__ = [
     "IGNORE_INDEX", "ClassificationExample", "Conversation", "EncodedDataset", "LengthGroupedSampler",
-    "PadCollator", "QAExample", "RandomBatchSampler", "Record", "TaggingExample", "align_predictions",
+    "MaskedLMCollator", "MaskingSettings", "PadCollator", "PairSettings", "QAExample", "RandomBatchSampler", "Record", "TaggingExample", "align_predictions",
     "assistant_spans", "discover_labels", "encode_causal_lm", "encode_chat", "encode_classification",
-    "encode_qa_eval", "encode_qa_train", "encode_tagging", "load_chat", "load_classification", "load_tagging",
-    "load_text", "optional", "pack_documents", "pad_collate", "postprocess_qa", "read_conll", "read_records",
-    "read_squad", "require", "split_by_article", "split_train_validation", "validate_conversation",
+    "encode_pretraining", "encode_qa_eval", "encode_qa_train", "encode_tagging", "load_chat",
+    "load_classification", "load_documents", "load_tagging", "load_text", "mask_tokens", "optional", "pack_documents", "pad_collate", "postprocess_qa", "read_conll", "read_records",
+    "read_squad", "require", "split_by_article", "split_sentences", "split_train_validation", "validate_conversation",
 ]

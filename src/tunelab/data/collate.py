@@ -12,7 +12,7 @@ from tunelab.data.encoded import IGNORE_INDEX
 # sequence keys -> what fills the padding (None: the pad_token_id / label_pad given to pad_collate)
 _SEQUENCE_KEYS = {"input_ids": None, "attention_mask": 0, "token_type_ids": 0, "labels": None, "position_ids": 0,
                   "document_ids": -1}
-_SCALAR_KEYS = ("start_positions", "end_positions")
+_SCALAR_KEYS = ("start_positions", "end_positions", "next_sentence_label")
 
 
 def pad_collate(features: Sequence[dict], *, pad_token_id: int, label_pad: int = IGNORE_INDEX,
@@ -22,7 +22,7 @@ def pad_collate(features: Sequence[dict], *, pad_token_id: int, label_pad: int =
     Padded: input_ids (pad_token_id), attention_mask (made from the lengths when absent; 0 on padding),
     token_type_ids and position_ids (0), document_ids (-1: no document), labels (label_pad) when they are
     sequences. Scalar labels become a 1-D tensor (long, or float for regression), as do start_positions /
-    end_positions. Other keys (word_ids, offsets, example_id, length, ...) are not tensors and are left out.
+    end_positions and next_sentence_label. Other keys (word_ids, offsets, example_id, length, ...) are not tensors and are left out.
     """
     if not features:
         raise ValueError("pad_collate got an empty batch")

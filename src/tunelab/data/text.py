@@ -9,6 +9,7 @@ attention to each document and give every document the positions it would have a
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
@@ -19,7 +20,10 @@ from tunelab.errors import DataError
 if TYPE_CHECKING:
     from tunelab.tokenizer import Tokenizer
 
-DOCUMENT_MODES = ("file", "paragraph", "line")
+DOCUMENT_MODES = ("file", "paragraph", "line", "wikitext")
+# WikiText (Merity et al. 2016): " = Title = " starts an article, " = = Section = = " and deeper are headings inside it
+WIKITEXT_TITLE = re.compile(r"^ ?= [^=].* = ?$")
+WIKITEXT_HEADING = re.compile(r"^ ?(= )+[^=].*( =)+ ?$")
 
 
 def load_text(paths: PathLike | Iterable[PathLike], *, format: str = "auto", text_field: str = "text",
@@ -27,8 +31,9 @@ def load_text(paths: PathLike | Iterable[PathLike], *, format: str = "auto", tex
     """Documents of text files (.txt) or of record files (one document per record's `text_field`).
 
     For .txt files `documents` chooses what a document is: "file" (the whole file, the usual choice for a
-    corpus such as tinyshakespeare), "paragraph" (blocks separated by blank lines) or "line" (each
-    non-empty line). Blank documents are left out.
+    corpus such as tinyshakespeare), "paragraph" (blocks separated by blank lines), "line" (each
+    non-empty line) or "wikitext" (a WikiText article: from one " = Title = " line to the next, blank lines
+    dropped). Blank documents are left out.
     """
     if documents not in DOCUMENT_MODES:
         raise ValueError(f"documents must be one of {', '.join(DOCUMENT_MODES)}, got {documents!r}")
@@ -46,6 +51,8 @@ def load_text(paths: PathLike | Iterable[PathLike], *, format: str = "auto", tex
             result.append(text)
         elif documents == "line":
             result.extend(line.rstrip("\r") for line in text.split("\n") if line.strip())
+        elif documents == "wikitext":
+            result.extend(_wikitext_articles(text))
         else:
             result.extend(_paragraphs(text))
     return result
@@ -63,6 +70,18 @@ def _paragraphs(text: str) -> list[str]:
     if current:
         paragraphs.append("\n".join(current))
     return paragraphs
+
+
+def _wikitext_articles(text: str) -> list[str]:
+    """WikiText articles: each starts at a top-level " = Title = " line; their non-blank lines joined by newlines."""
+    articles: list[list[str]] = []
+    for line in text.split("\n"):
+        line = line.rstrip("\r")
+        if WIKITEXT_TITLE.match(line) or not articles:
+            articles.append([])
+        if line.strip():
+            articles[-1].append(line)
+    return ["\n".join(lines) for lines in articles if lines]
 
 
 def encode_causal_lm(documents: Sequence[str], tokenizer: Tokenizer, max_length: int, *, packing: bool = True,

@@ -23,7 +23,7 @@ TRAIN_SPLIT = "train"
 # Keys of a metrics record that are bookkeeping, not metrics to plot.
 NON_METRIC_KEYS = frozenset({
     "step", "split", "epoch", "lr", "loss", "time", "timestamp", "elapsed", "wall_time", "runtime",
-    "samples", "tokens", "num_examples", "num_samples", "num_tokens", "samples_per_second",
+    "samples", "tokens", "masked_tokens", "num_examples", "num_samples", "num_tokens", "samples_per_second",
     "tokens_per_second", "steps_per_second",
 })
 

@@ -11,7 +11,7 @@ from tunelab.config.loading import apply_overrides, validate
 from tunelab.config.schema import TrainConfig
 from tunelab.errors import ConfigError, TunelabError
 
-TASK_OF_HEAD = {"classifier": "classification", "tagger": "tagging", "qa": "qa", "lm": "causal_lm"}
+TASK_OF_HEAD = {"classifier": "classification", "tagger": "tagging", "qa": "qa", "lm": "causal_lm", "mlm": "masked_lm"}
 
 
 def _source_config(source: str, data: str | None, task: str | None, overrides: list[str]):
@@ -32,6 +32,8 @@ def _source_config(source: str, data: str | None, task: str | None, overrides: l
             raise TunelabError(f"{source} is a model, not a run: give the data to evaluate with --data FILE")
         raw = {"output_dir": ".", "model": {"source": source}, "task": {"type": task, "labels": model.config.labels or None},
                "data": {"train": data}}
+        if task == "masked_lm":
+            raw["task"]["nsp"] = "nsp" in model.heads
     if data is not None:
         raw["data"]["train"] = data
         raw["data"]["validation"] = None
@@ -61,6 +63,13 @@ def _rows(config: TrainConfig, tokenizer, labels: list[str], use_data_file: bool
         encoded = encode_tagging(examples, tokenizer, labels, d.max_length,
                                  label_all_subwords=config.task.label_all_subwords, context_tokens=d.context_tokens)
         return encoded.features, examples
+    if use_data_file and config.task.type == "masked_lm":
+        from tunelab.data.pretraining import mask_features
+        from tunelab.train.run import masking_collator
+
+        config = config.model_copy(update={"task": config.task.model_copy(update={"dupe_factor": 1})})
+        prepared = prepare_data(config, tokenizer)  # the file's pairs, once, masked once like validation rows
+        return mask_features(prepared.train.features, masking_collator(config, tokenizer, stream=1)), []
     prepared = prepare_data(config, tokenizer, labels=labels or None)
     if use_data_file:
         return prepared.train.features, []
@@ -82,7 +91,7 @@ def evaluate_source(source: str, *, data: str | None = None, task: str | None = 
     features, examples = _rows(config, tokenizer, labels, use_file)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     step = make_step(config.task.type, labels=labels, examples=examples,
-                     max_answer_length=config.task.max_answer_length, pad_token_id=pad)
+                     max_answer_length=config.task.max_answer_length, pad_token_id=pad, nsp=config.task.nsp)
     device = next(model.parameters()).device
     autocast = autocast_context(resolve_precision(config.train.precision, device), device)
     with torch.inference_mode():
@@ -112,6 +121,8 @@ def predict_source(source: str, data: str, out: str, *, task: str | None = None,
     kind = config.task.type
     if kind in ("causal_lm", "chat"):
         raise ConfigError(f"predict writes task predictions; for a {kind} model use `tunelab generate`")
+    if kind == "masked_lm":
+        raise ConfigError("predict writes task predictions; for a masked_lm model use `tunelab fill-mask`")
     # _predict_rows reads the file without labels / tags (label_field, tags_field are not optional in the schema)
     features, examples = _predict_rows(config, tokenizer, labels)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)

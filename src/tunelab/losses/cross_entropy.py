@@ -55,12 +55,22 @@ def chunked_lm_loss(
     if count == 0:
         return hidden.sum() * 0.0, 0
     rows = hidden[:, :-1][keep]  # [N, D]: only positions that have a target
-    flat_targets = targets[keep]  # [N]
-    total = hidden.new_zeros((), dtype=torch.float32)
+    return chunked_cross_entropy(rows, targets[keep], head, chunk_size=chunk_size), count
+
+
+def chunked_cross_entropy(
+    rows: torch.Tensor, targets: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor], *, chunk_size: int = 1024
+) -> torch.Tensor:
+    """sum CE(head(rows), targets) over rows [N, D] and targets [N], `chunk_size` rows at a time; each chunk's
+    [chunk_size, V] logits are recomputed in the backward pass instead of being kept (with a single chunk
+    there is nothing to gain: it is computed once, as usual)."""
+    if rows.shape[0] <= chunk_size:
+        return _chunk_ce(rows, targets, head)
+    total = rows.new_zeros((), dtype=torch.float32)
     for start in range(0, rows.shape[0], chunk_size):
-        h, y = rows[start : start + chunk_size], flat_targets[start : start + chunk_size]
+        h, y = rows[start : start + chunk_size], targets[start : start + chunk_size]
         total = total + torch.utils.checkpoint.checkpoint(_chunk_ce, h, y, head, use_reentrant=False)
-    return total, count
+    return total
 
 
 def _chunk_ce(h: torch.Tensor, y: torch.Tensor, head) -> torch.Tensor:

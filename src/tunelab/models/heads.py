@@ -6,6 +6,7 @@ Every head takes (hidden [B, T, D], pooled [B, D] or None, attention_mask [B, T]
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from tunelab.nn.activations import get_activation
@@ -34,7 +35,8 @@ class MaskedLMHead(nn.Module):
         self.bias = nn.Parameter(torch.zeros(vocab_size))
 
     def forward(self, hidden, pooled=None, attention_mask=None) -> torch.Tensor:
-        return self.decoder(self.norm(self.act(self.dense(hidden)))) + self.bias
+        h = self.norm(self.act(self.dense(hidden)))
+        return F.linear(h, self.decoder.weight, self.bias)  # W h + b in one pass over the [.., V] logits
 
 
 class NextSentenceHead(nn.Module):

@@ -8,7 +8,7 @@ from torch import nn
 
 from tunelab.models import heads as H
 from tunelab.models.base import Model, ModelConfig
-from tunelab.models.bert import BertConfig, BertModel
+from tunelab.models.bert import BertConfig, BertModel, BertPooler
 from tunelab.models.gpt2 import GPT2Config, GPT2Model
 from tunelab.models.llama import LlamaConfig, LlamaModel
 
@@ -86,6 +86,20 @@ def make_head(config: ModelConfig, name: str, num_labels: int | None = None) -> 
     if name == "qa":
         return H.SpanQAHead(dim)
     raise ValueError(f"unknown head {name!r}; known: {', '.join(HEAD_NAMES)}")
+
+
+def ensure_pooler(model: Model, heads: Iterable[str]) -> nn.Module | None:
+    """Give a BERT backbone without a pooler (a BertForMaskedLM checkpoint has none) a fresh one when one of
+    `heads` reads the pooled [CLS] vector: "nsp", or BERT's "classifier". Returns the new pooler, or None."""
+    heads = set(heads)
+    needed = "nsp" in heads or ("classifier" in heads and model.config.model_type == "bert")
+    if model.family != "bert" or not needed or getattr(model.backbone, "pooler", None) is not None:
+        return None
+    param = next(model.parameters())
+    pooler = BertPooler(model.config.hidden_size).to(device=param.device, dtype=param.dtype)
+    model.backbone.pooler = pooler
+    model.config.add_pooler = True
+    return pooler
 
 
 def build_model(config: ModelConfig, heads: Iterable[str] = (), num_labels: int | None = None) -> Model:

@@ -53,18 +53,25 @@ def _rss_peak() -> int:
 def make_plan(config: TrainConfig, *, timing_steps: int = 4) -> Plan:
     from tunelab.data.collate import pad_collate
     from tunelab.data.samplers import LengthGroupedSampler
-    from tunelab.train.run import prepare_data, prepare_model, run_tokenizer, seed_everything
+    from tunelab.train.run import masking_collator, prepare_data, prepare_model, run_tokenizer, seed_everything
     from tunelab.train.tasks import make_step
-    from tunelab.train.trainer import autocast_context, resolve_precision
+    from tunelab.train.trainer import autocast_context, objectives, resolve_precision
 
     s = config.train
+    if s.num_threads:  # as `train` does: the timing must use the threads the run will use
+        torch.set_num_threads(s.num_threads)
     tokenizer = run_tokenizer(config, retrain=True, save=False)  # a plan writes nothing to output_dir
     data = prepare_data(config, tokenizer)
     seed_everything(s.seed)
     model, tokenizer = prepare_model(config, data.labels, tokenizer)
     model.train()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    step = make_step(config.task.type, labels=data.labels, examples=data.validation_examples, pad_token_id=pad_id)
+    step = make_step(config.task.type, labels=data.labels, examples=data.validation_examples, pad_token_id=pad_id,
+                     nsp=config.task.nsp)
+    if config.task.type == "masked_lm":
+        collate = masking_collator(config, tokenizer)
+    else:
+        collate = lambda rows, *_: pad_collate(rows, pad_token_id=pad_id)  # noqa: E731
     lengths = data.train.lengths
     batches_per_epoch = math.ceil(len(lengths) / s.batch_size)
     steps_per_epoch = max(1, math.ceil(batches_per_epoch / s.grad_accum))
@@ -84,11 +91,11 @@ def make_plan(config: TrainConfig, *, timing_steps: int = 4) -> Plan:
     before = _rss_peak()
     samples: list[tuple[int, float]] = []  # (padded tokens of the batch, seconds)
     for n, indices in enumerate(chosen):
-        batch = pad_collate([data.train.features[i] for i in indices], pad_token_id=pad_id)
+        batch = collate([data.train.features[i] for i in indices], 0)
         start = time.perf_counter()
         with autocast():
-            loss, count = step.loss(model, batch)
-        (loss / max(1, count)).backward()
+            losses, counts = (objectives(x) for x in step.loss(model, batch))
+        sum(losses[k] / max(1, counts[k]) for k in losses).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if n > 0:
@@ -153,7 +160,8 @@ def format_plan(plan: Plan) -> str:
     gib = plan.peak_memory_bytes / 2**30
     lines = [
         f"task           {plan.task} ({plan.method})",
-        f"train data     {plan.train_examples} examples -> {plan.train_rows} rows, {plan.train_tokens:,} tokens"
+        f"train data     {plan.train_examples} {'documents' if plan.task == 'masked_lm' else 'examples'} -> "
+        f"{plan.train_rows} rows, {plan.train_tokens:,} tokens"
         + (f", {plan.truncated} truncated" if plan.truncated else "")
         + (f", {plan.skipped} skipped" if plan.skipped else ""),
         f"validation     {plan.validation_rows} rows",

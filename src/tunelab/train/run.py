@@ -21,7 +21,7 @@ import os
 import platform
 import random
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -139,8 +139,9 @@ def _prepare_causal_lm(config: TrainConfig, tokenizer, labels) -> PreparedData:
 
     d = config.data
     shifting = d.random_offsets and d.packing
-    train = load_text(d.train_paths(), format=d.format, text_field=d.text_field)
-    validation = load_text(d.validation_paths(), format=d.format, text_field=d.text_field) if d.validation_paths() else None
+    read = dict(format=d.format, text_field=d.text_field, documents="file" if d.documents == "auto" else d.documents)
+    train = load_text(d.train_paths(), **read)
+    validation = load_text(d.validation_paths(), **read) if d.validation_paths() else None
     encode = lambda docs, **kw: encode_causal_lm(docs, tokenizer, d.max_length, packing=d.packing, **kw)  # noqa: E731
     if validation is None and len(train) == 1 and d.validation_split > 0:
         # one corpus file (tinyshakespeare): hold out the last fraction of its rows, as nanoGPT does
@@ -165,6 +166,47 @@ def _prepare_causal_lm(config: TrainConfig, tokenizer, labels) -> PreparedData:
     return PreparedData(train_rows, val_rows, [], validation or [], len(train))
 
 
+def _prepare_masked_lm(config: TrainConfig, tokenizer, labels) -> PreparedData:
+    """Documents split into sentences, cut into BERT examples once (seeded); validation rows masked once."""
+    from tunelab.data.pretraining import encode_pretraining, load_documents, mask_features
+
+    d = config.data
+    kw = dict(format=d.format, text_field=d.text_field, documents="paragraph" if d.documents == "auto" else d.documents,
+              unk_token=tokenizer.unk_token)
+    train = load_documents(d.train_paths(), **kw)
+    validation = load_documents(d.validation_paths(), **kw) if d.validation_paths() else None
+    train, validation = _split(config, train, validation)  # held out by document
+    settings = pair_settings(config)
+    seed = config.train.seed
+    train_rows = encode_pretraining(train, tokenizer, settings, seed=seed)
+    train_rows.features = _limit(train_rows.features, d.max_train_examples)
+    val_rows = None
+    if validation:
+        val_rows = encode_pretraining(validation, tokenizer, replace(settings, dupe_factor=1), seed=seed + 1)
+        val_rows.features = mask_features(_limit(val_rows.features, d.max_validation_examples),
+                                          masking_collator(config, tokenizer, stream=1))
+    return PreparedData(train_rows, val_rows, [], [], len(train))
+
+
+def pair_settings(config: TrainConfig):
+    """How a masked_lm run cuts its documents into examples (data/pretraining.py)."""
+    from tunelab.data.pretraining import PairSettings
+
+    t = config.task
+    return PairSettings(max_length=config.data.max_length, nsp=t.nsp, short_seq_probability=t.short_seq_probability,
+                        dupe_factor=t.dupe_factor, whole_word=t.whole_word_masking)
+
+
+def masking_collator(config: TrainConfig, tokenizer, *, stream: int = 0):
+    """The masked_lm collator: pads and masks a batch as task.mask_* say; stream 0 trains, 1 validates."""
+    from tunelab.data.pretraining import MaskedLMCollator, MaskingSettings
+
+    t = config.task
+    settings = MaskingSettings(probability=t.mask_probability, mask_token_fraction=t.mask_token_fraction,
+                               random_token_fraction=t.random_token_fraction, whole_word=t.whole_word_masking)
+    return MaskedLMCollator.for_tokenizer(tokenizer, settings, seed=config.train.seed, stream=stream)
+
+
 # task type -> (config, tokenizer, labels) -> PreparedData; each task's data module does the reading and encoding
 DATA_PREPARERS = {
     "classification": _prepare_classification,
@@ -172,38 +214,60 @@ DATA_PREPARERS = {
     "qa": _prepare_qa,
     "chat": _prepare_chat,
     "causal_lm": _prepare_causal_lm,
+    "masked_lm": _prepare_masked_lm,
 }
 
 
 # ---------------------------------------------------------------------------------------------- model
 
-HEAD_OF_TASK = {"classification": "classifier", "tagging": "tagger", "qa": "qa", "causal_lm": "lm", "chat": "lm"}
+# task type -> the heads it trains (the first one carries the labels of labelled tasks)
+HEADS_OF_TASK: dict[str, tuple[str, ...]] = {
+    "classification": ("classifier",), "tagging": ("tagger",), "qa": ("qa",), "causal_lm": ("lm",), "chat": ("lm",),
+    "masked_lm": ("mlm", "nsp"),
+}
+
+
+def task_heads(config: TrainConfig) -> tuple[str, ...]:
+    """The heads a run trains: HEADS_OF_TASK, without "nsp" for masked_lm with task.nsp false."""
+    heads = HEADS_OF_TASK[config.task.type]
+    if config.task.type == "masked_lm" and not config.task.nsp:
+        heads = tuple(h for h in heads if h != "nsp")
+    return heads
 
 
 def prepare_model(config: TrainConfig, labels: list[str], tokenizer=None):
-    """The model (with exactly the task's head) and tokenizer; the method applied.
+    """The model (with exactly the task's heads, new ones made fresh) and tokenizer; the method applied.
 
     `tokenizer`: the one the data was encoded with, when the caller has it already (else run_tokenizer's).
     """
-    from tunelab.models.registry import make_head
+    from tunelab.models.registry import ensure_pooler, init_weights, make_head
 
     model, tokenizer = build_or_load(config, tokenizer)
-    head = HEAD_OF_TASK[config.task.type]
+    heads = task_heads(config)
     if labels:
-        if head in model.heads and list(model.config.labels) != list(labels):
-            del model.heads[head]  # a head trained for other labels: start a fresh one
+        if heads[0] in model.heads and list(model.config.labels) != list(labels):
+            del model.heads[heads[0]]  # a head trained for other labels: start a fresh one
         model.config.labels = list(labels)
-    if head == "lm" and "lm" not in model.heads and not model.is_decoder:
+    if "lm" in heads and "lm" not in model.heads and not model.is_decoder:
         raise ConfigError(f"model {config.model.name}: this model has no language-model head; "
                           f"task {config.task.type} needs a decoder with one")
-    if head not in model.heads:
-        new_head = make_head(model.config, head, len(labels) if labels else None)
-        if config.model.architecture is not None:
-            from tunelab.models.registry import init_weights
-
-            new_head.apply(init_weights)  # the whole model starts from the same N(0, 0.02)
-        model.add_head(head, new_head.to(next(model.parameters()).dtype))
-    for name in [n for n in model.heads if n != head]:
+    if "mlm" in heads and (model.is_decoder or model.family != "bert"):
+        raise ConfigError(f"model {config.model.name}: task masked_lm needs a BERT-family encoder, "
+                          f"not a {model.config.model_type} decoder")
+    if "nsp" in heads and model.config.model_type != "bert":
+        raise ConfigError(f"model {config.model.name}: next-sentence prediction is BERT's (BertForPreTraining); "
+                          f"a {model.config.model_type} model pretrains with task.nsp=false")
+    from_scratch = config.model.architecture is not None
+    pooler = ensure_pooler(model, heads)  # BertForMaskedLM checkpoints have none; NSP and BERT's classifier need it
+    if pooler is not None and from_scratch:
+        pooler.apply(init_weights)
+    for head in heads:
+        if head not in model.heads:
+            new_head = make_head(model.config, head, len(labels) if labels and head == heads[0] else None)
+            if from_scratch:
+                new_head.apply(init_weights)  # the whole model starts from the same N(0, 0.02)
+            model.add_head(head, new_head.to(next(model.parameters()).dtype))
+    for name in [n for n in model.heads if n not in heads]:
         del model.heads[name]
     apply_method(model, config)
     return model, tokenizer
@@ -273,7 +337,7 @@ def _trained_tokenizer(config: TrainConfig, *, retrain: bool, save: bool):
 
 def apply_method(model, config: TrainConfig) -> None:
     method = config.method
-    head = HEAD_OF_TASK[config.task.type]
+    heads = task_heads(config)
     if method.type == "full":
         return
     if method.type == "freeze":
@@ -283,8 +347,11 @@ def apply_method(model, config: TrainConfig) -> None:
         return
     from tunelab.peft import LoraSettings, apply_lora
 
+    if config.task.type == "masked_lm":
+        raise ConfigError(f"task masked_lm trains with method full or freeze, not {method.type} (the masked-LM "
+                          "decoder shares its weight with the token embeddings)")
     lora = method.lora
-    new_head = [] if head == "lm" else [f"heads.{head}"]
+    new_head = [f"heads.{head}" for head in heads if head != "lm"]
     apply_lora(model, LoraSettings(
         r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=list(lora.target_modules),
         rslora=lora.rslora, dora=method.type == "dora", quantize_base=method.type == "qlora",
@@ -337,15 +404,15 @@ def load_run(run_dir: str | Path, *, dtype=None):
 
         model, tokenizer = load_any(config.model.source, dtype=dtype or config.model.dtype)
         labels = json.loads((run_dir / "labels.json").read_text()) if (run_dir / "labels.json").exists() else []
-        head = HEAD_OF_TASK[config.task.type]
+        heads = task_heads(config)
         if labels:
             from tunelab.models.registry import make_head
 
             model.config.labels = labels
-            if head in model.heads:
-                del model.heads[head]
-            model.add_head(head, make_head(model.config, head, len(labels)))
-        for name in [n for n in model.heads if n != head]:
+            if heads[0] in model.heads:
+                del model.heads[heads[0]]
+            model.add_head(heads[0], make_head(model.config, heads[0], len(labels)))
+        for name in [n for n in model.heads if n not in heads]:
             del model.heads[name]
         load_peft_adapter(model, run_dir / "adapter")
         if (run_dir / "adapter" / "tokenizer.json").exists():
@@ -420,7 +487,7 @@ def train(config: TrainConfig, *, resume: bool = False, show_progress: bool = Tr
     s = config.train
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     step = make_step(config.task.type, labels=data.labels, examples=data.validation_examples,
-                     max_answer_length=config.task.max_answer_length, pad_token_id=pad_id)
+                     max_answer_length=config.task.max_answer_length, pad_token_id=pad_id, nsp=config.task.nsp)
     lengths = data.train.lengths
     if s.group_by_length:
         sampler = LengthGroupedSampler(lengths, s.batch_size, seed=s.seed)
@@ -433,7 +500,10 @@ def train(config: TrainConfig, *, resume: bool = False, show_progress: bool = Tr
             data.train.features.set_epoch(epoch)  # ShiftingWindows: this epoch's cut of the text
         return sampler
 
-    batches = Batches(data.train.features, make_sampler, lambda rows: pad_collate(rows, pad_token_id=pad_id))
+    if config.task.type == "masked_lm":  # masks drawn per batch from (seed, epoch, batch index)
+        batches = Batches(data.train.features, make_sampler, masking_collator(config, tokenizer), seeded=True)
+    else:
+        batches = Batches(data.train.features, make_sampler, lambda rows: pad_collate(rows, pad_token_id=pad_id))
     eval_rows = data.validation.features if data.validation is not None else None
     samples = None
     if s.sample_prompts:

@@ -12,7 +12,8 @@ import torch
 
 from tunelab.data.collate import pad_collate
 from tunelab.evaluate import metrics as M
-from tunelab.losses import chunked_lm_loss, classification_loss, span_loss, token_loss
+from tunelab.losses import (chunked_lm_loss, classification_loss, masked_lm_loss, next_sentence_loss, span_loss,
+                            token_loss)
 from tunelab.models.base import Model
 
 Autocast = Callable[[], Any]
@@ -211,7 +212,72 @@ class CausalLMStep(TaskStep):
         return {"loss": mean, "perplexity": M.perplexity(mean), "tokens": count}
 
 
-def make_step(task_type: str, *, labels=None, examples=None, max_answer_length=30, pad_token_id=0) -> TaskStep:
+class MaskedLMStep(TaskStep):
+    """BERT pretraining: masked LM, with next-sentence prediction when `nsp` (Devlin et al. 2019, sec. 3.1).
+
+    Two objectives, each normalised by its own targets (masked tokens, examples); see train/trainer.py.
+    Evaluation scores the validation rows as they were masked once with a fixed seed.
+    """
+
+    head, main_metric, greater_is_better = "mlm", "mlm_loss", False
+
+    def __init__(self, nsp: bool = True, pad_token_id: int = 0) -> None:
+        super().__init__(pad_token_id)
+        self.nsp = nsp
+
+    def num_targets(self, batch: dict) -> dict[str, int]:
+        counts = {"mlm": int((batch["labels"] != -100).sum())}
+        if self.nsp:
+            counts["nsp"] = int(batch["next_sentence_label"].numel())
+        return counts
+
+    def _backbone(self, model: Model, batch: dict):
+        out = model(batch["input_ids"], batch.get("attention_mask"), token_type_ids=batch.get("token_type_ids"),
+                    heads=())
+        return out.hidden, out.pooled  # [B, T, D], [B, D]
+
+    def loss(self, model, batch):
+        hidden, pooled = self._backbone(model, batch)
+        mlm, n_masked = masked_lm_loss(hidden, batch["labels"], model.heads["mlm"])
+        if not self.nsp:
+            return {"mlm": mlm}, {"mlm": n_masked}
+        nsp, n_pairs = next_sentence_loss(model.heads["nsp"](hidden, pooled), batch["next_sentence_label"])
+        return {"mlm": mlm, "nsp": nsp}, {"mlm": n_masked, "nsp": n_pairs}
+
+    @torch.inference_mode()
+    def evaluate(self, model, features, batch_size, autocast) -> dict:
+        model.eval()
+        device = next(model.parameters()).device
+        mlm_loss = nsp_loss = 0.0
+        masked = mlm_correct = pairs = nsp_correct = 0
+        for _, batch in iterate_batches(features, batch_size, self.pad_token_id):
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            with autocast():
+                hidden, pooled = self._backbone(model, batch)
+                keep = batch["labels"] != -100
+                targets = batch["labels"][keep]  # [N]
+                logits = model.heads["mlm"](hidden[keep]).float()  # [N, V]: masked positions only
+                if self.nsp:
+                    nsp_logits = model.heads["nsp"](hidden, pooled).float()  # [B, 2]
+            mlm_loss += float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
+            mlm_correct += int((logits.argmax(-1) == targets).sum())
+            masked += int(targets.numel())
+            if self.nsp:
+                labels = batch["next_sentence_label"]
+                nsp_loss += float(next_sentence_loss(nsp_logits, labels)[0])
+                nsp_correct += int((nsp_logits.argmax(-1) == labels).sum())
+                pairs += int(labels.numel())
+        mean = mlm_loss / max(1, masked)
+        metrics = {"mlm_loss": mean, "mlm_perplexity": M.perplexity(mean), "mlm_accuracy": mlm_correct / max(1, masked),
+                   "masked_tokens": masked}
+        if self.nsp:
+            metrics.update(nsp_loss=nsp_loss / max(1, pairs), nsp_accuracy=nsp_correct / max(1, pairs))
+        metrics["loss"] = metrics["mlm_loss"] + metrics.get("nsp_loss", 0.0)
+        return metrics
+
+
+def make_step(task_type: str, *, labels=None, examples=None, max_answer_length=30, pad_token_id=0,
+              nsp: bool = True) -> TaskStep:
     if task_type == "classification":
         return ClassificationStep(labels, pad_token_id)
     if task_type == "tagging":
@@ -220,6 +286,8 @@ def make_step(task_type: str, *, labels=None, examples=None, max_answer_length=3
         return QAStep(examples, max_answer_length, pad_token_id)
     if task_type in ("causal_lm", "chat"):
         return CausalLMStep(pad_token_id)
+    if task_type == "masked_lm":
+        return MaskedLMStep(nsp, pad_token_id)
     raise ValueError(f"unknown task type {task_type!r}")
 
 

@@ -1,7 +1,10 @@
 """One Trainer for every task: each task supplies its step (loss and evaluation); the loop owns the rest.
 
 The loss of an optimizer step is normalised over the targets (tokens or examples) of the whole
-accumulated batch, so batch_size 8 gives the same update as batch_size 4 with grad_accum 2.
+accumulated batch, so batch_size 8 gives the same update as batch_size 4 with grad_accum 2. A task with
+several objectives (BERT pretraining: masked LM and next-sentence prediction) gives each objective's
+summed loss and target count by name; each is divided by its own targets over the accumulated batch and
+the results are added (mean masked-token CE + mean NSP CE), and each is logged as "<name>_loss".
 """
 
 from __future__ import annotations
@@ -32,25 +35,41 @@ BEST = "checkpoint-best"
 
 
 class TaskStep(Protocol):
-    """What a task gives the trainer."""
+    """What a task gives the trainer: loss is (summed loss, targets), or for several objectives
+    ({name: summed loss}, {name: targets}) with num_targets giving {name: targets} too."""
 
     main_metric: str
     greater_is_better: bool
 
-    def num_targets(self, batch: dict) -> int: ...
+    def num_targets(self, batch: dict) -> int | dict[str, int]: ...
 
-    def loss(self, model, batch: dict) -> tuple[torch.Tensor, int]: ...
+    def loss(self, model, batch: dict) -> tuple[torch.Tensor | dict[str, torch.Tensor], int | dict[str, int]]: ...
 
     def evaluate(self, model, features: list[dict], batch_size: int, autocast) -> dict[str, Any]: ...
 
 
 @dataclass
 class Batches:
-    """The training data as the loop sees it: features, a batch sampler factory, a collate function."""
+    """The training data as the loop sees it: features, a batch sampler factory, a collate function.
+
+    With `seeded`, collate is called as collate(rows, epoch): whatever it draws at random (MLM masks) comes
+    from the epoch and the rows themselves, not from a global random state, so a resumed run draws exactly
+    the same.
+    """
 
     features: list[dict]
     make_sampler: Callable[[int, int], Any]  # (epoch, start_batch) -> iterable of index lists with len()
-    collate: Callable[[list[dict]], dict]
+    collate: Callable[..., dict]
+    seeded: bool = False
+
+    def batch(self, indices: list[int], epoch: int) -> dict:
+        rows = [self.features[i] for i in indices]
+        return self.collate(rows, epoch) if self.seeded else self.collate(rows)
+
+
+def objectives(value: Any) -> dict[str, Any]:
+    """A step's loss or target count by objective name; a single objective is called "loss"."""
+    return value if isinstance(value, dict) else {"loss": value}
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
@@ -110,7 +129,8 @@ class Trainer:
         self.metric = settings.metric or task.main_metric
         self.greater = settings.greater_is_better
         if self.greater is None:
-            self.greater = task.greater_is_better if self.metric == task.main_metric else self.metric not in ("loss", "perplexity")
+            lower = self.metric.endswith(("loss", "perplexity"))  # loss, mlm_loss, nsp_loss, mlm_perplexity, ...
+            self.greater = task.greater_is_better if self.metric == task.main_metric else not lower
         self.on_evaluate = on_evaluate
         self.show_progress = show_progress
         self.final_metrics: dict[str, Any] = {}
@@ -138,7 +158,9 @@ class Trainer:
             total=self.total_steps, initial=state.global_step, desc="train", unit="step",
             disable=not self.show_progress, dynamic_ncols=True,
         )
-        window_loss, window_targets, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
+        window_loss: dict[str, float] = {}  # summed loss per objective since the last log line
+        window_targets: dict[str, int] = {}
+        window_tokens, window_start = 0, time.perf_counter()
         stop = state.global_step >= self.total_steps
         if s.eval_at_start and state.global_step == 0:
             self._evaluate(log)
@@ -152,21 +174,24 @@ class Trainer:
                         indices = next(batches, None)
                         if indices is None:
                             break
-                        group.append(self.train_data.collate([self.train_data.features[i] for i in indices]))
+                        group.append(self.train_data.batch(indices, state.epoch))
                     if not group:
                         break
-                    loss_sum, targets, tokens = self._optimizer_step(group)
+                    loss_sums, targets, tokens = self._optimizer_step(group)
                     state.batch_in_epoch += len(group)
                     state.global_step += 1
                     state.tokens_seen += tokens
-                    window_loss += loss_sum
-                    window_targets += targets
+                    for name in loss_sums:
+                        window_loss[name] = window_loss.get(name, 0.0) + loss_sums[name]
+                        window_targets[name] = window_targets.get(name, 0) + targets[name]
                     window_tokens += tokens
                     progress.update(1)
                     if state.global_step % s.logging_steps == 0 or state.global_step == self.total_steps:
                         elapsed = time.perf_counter() - window_start
+                        means = {name: window_loss[name] / max(1, window_targets[name]) for name in window_loss}
                         values = {
-                            "loss": window_loss / max(1, window_targets),
+                            "loss": sum(means.values()),
+                            **({f"{name}_loss": v for name, v in means.items()} if len(means) > 1 else {}),
                             "lr": self.scheduler.get_last_lr()[0],
                             "tokens_per_second": window_tokens / max(elapsed, 1e-9),
                             "epoch": state.epoch + state.batch_in_epoch / max(1, self.batches_per_epoch),
@@ -175,7 +200,7 @@ class Trainer:
                         progress.set_postfix(
                             loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}", tok_s=f"{values['tokens_per_second']:.0f}"
                         )
-                        window_loss, window_targets, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
+                        window_loss, window_targets, window_tokens, window_start = {}, {}, 0, time.perf_counter()
                     last = state.global_step >= self.total_steps
                     if s.eval_steps and state.global_step % s.eval_steps == 0 and not last:
                         if self._evaluate(log):
@@ -194,16 +219,26 @@ class Trainer:
         log.close()
         return self.final_metrics
 
-    def _optimizer_step(self, group: list[dict]) -> tuple[float, int, int]:
-        """Forward/backward every micro-batch of `group`, normalised by the group's targets; one update."""
-        total_targets = sum(self.task.num_targets(batch) for batch in group)
-        loss_total, tokens = 0.0, 0
+    def _optimizer_step(self, group: list[dict]) -> tuple[dict[str, float], dict[str, int], int]:
+        """Forward/backward every micro-batch of `group`, each objective normalised by its targets in the
+        whole group; one update. Returns the summed loss and the targets per objective, and the tokens."""
+        total_targets: dict[str, int] = {}
+        for batch in group:
+            for name, count in objectives(self.task.num_targets(batch)).items():
+                total_targets[name] = total_targets.get(name, 0) + count
+        loss_totals = dict.fromkeys(total_targets, 0.0)
+        tokens = 0
         for batch in group:
             batch = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
             with self.autocast():
-                loss_sum, _ = self.task.loss(self.model, batch)
-            (loss_sum / max(1, total_targets)).backward()
-            loss_total += float(loss_sum.detach())
+                loss_sums = objectives(self.task.loss(self.model, batch)[0])
+            parts = [loss_sums[name] / max(1, total_targets[name]) for name in total_targets]
+            loss = parts[0]
+            for part in parts[1:]:
+                loss = loss + part
+            loss.backward()
+            for name in total_targets:
+                loss_totals[name] += float(loss_sums[name].detach())
             if "attention_mask" in batch:
                 tokens += int(batch["attention_mask"].sum())
         if self.settings.max_grad_norm:
@@ -212,7 +247,7 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss_total, total_targets, tokens
+        return loss_totals, total_targets, tokens
 
     # ------------------------------------------------------------------ evaluation and checkpoints
 
