@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-TaskType = Literal["classification", "tagging", "qa", "causal_lm", "chat"]
+TaskType = Literal["classification", "tagging", "qa", "causal_lm", "chat", "recurrent_lm"]
 DataFormat = Literal["auto", "jsonl", "json", "csv", "tsv", "parquet", "txt", "conll", "squad", "alpaca", "sharegpt", "messages"]
 
 
@@ -78,6 +78,7 @@ class DataSection(Section):
     context_tokens: int = Field(0, ge=0, description="tagging: sub-words of the neighbouring sentences on each side "
                                 "that the model sees as document context (FLERT); 0: the sentence alone")
     packing: bool = Field(True, description="causal_lm/chat: pack documents into full rows, attention kept within each")
+    bptt: int = Field(35, ge=1, description="recurrent_lm: tokens per chunk of truncated back-propagation through time")
     max_train_examples: int | None = Field(None, ge=1)
     max_validation_examples: int | None = Field(None, ge=1)
 

@@ -74,8 +74,8 @@ def make_head(config: ModelConfig, name: str, num_labels: int | None = None) -> 
     dropout = getattr(config, "hidden_dropout", getattr(config, "dropout", 0.0))
     if isinstance(config, RNNConfig):
         dropout = 0.0  # the recurrent backbone applies its output_dropout before any head
-    if name == "lm":
-        return H.LMHead(dim, config.vocab_size)
+    if name == "lm":  # a recurrent LM's output layer has a bias (the unigram frequencies), as in Merity et al.
+        return H.LMHead(dim, config.vocab_size, bias=isinstance(config, RNNConfig))
     if name == "mlm":
         eps = getattr(config, "layer_norm_eps", 1e-12)
         return H.MaskedLMHead(dim, config.vocab_size, getattr(config, "hidden_act", "gelu"), eps)

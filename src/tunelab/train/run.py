@@ -154,6 +154,32 @@ def _prepare_causal_lm(config: TrainConfig, tokenizer, labels) -> PreparedData:
     return PreparedData(train_rows, val_rows, [], validation or [], len(train))
 
 
+def _prepare_recurrent_lm(config: TrainConfig, tokenizer, labels) -> PreparedData:
+    """One token stream: training chunks of data.bptt tokens in train.batch_size parallel streams; the
+    validation stream as one feature (the last validation_split of the tokens when there is no file)."""
+    from tunelab.data.encoded import EncodedDataset
+    from tunelab.data.stream import encode_stream, stream_chunks, stream_feature
+    from tunelab.data.text import load_text
+
+    d = config.data
+    read = lambda paths: load_text(paths, format=d.format, text_field=d.text_field)  # noqa: E731
+    documents = read(d.train_paths())
+    train = encode_stream(documents, tokenizer)
+    validation = encode_stream(read(d.validation_paths()), tokenizer) if d.validation_paths() else None
+    if validation is None and d.validation_split > 0:
+        cut = len(train) - max(2, round(len(train) * d.validation_split))
+        train, validation = train[:cut], train[cut:]
+    # rows (chunks) are the examples of a language model: max_*_examples limit the stream to that many chunks
+    if d.max_train_examples is not None:
+        train = train[: d.max_train_examples * d.bptt + 1]
+    if validation is not None and d.max_validation_examples is not None:
+        validation = validation[: d.max_validation_examples * d.bptt + 1]
+    train_rows = stream_chunks(train, config.train.batch_size, d.bptt)
+    train_rows.num_examples = len(documents)
+    val_rows = EncodedDataset([stream_feature(validation)], num_examples=1) if validation else None
+    return PreparedData(train_rows, val_rows, [], [], len(documents))
+
+
 # task type -> (config, tokenizer, labels) -> PreparedData; each task's data module does the reading and encoding
 DATA_PREPARERS = {
     "classification": _prepare_classification,
@@ -161,12 +187,14 @@ DATA_PREPARERS = {
     "qa": _prepare_qa,
     "chat": _prepare_chat,
     "causal_lm": _prepare_causal_lm,
+    "recurrent_lm": _prepare_recurrent_lm,
 }
 
 
 # ---------------------------------------------------------------------------------------------- model
 
-HEAD_OF_TASK = {"classification": "classifier", "tagging": "tagger", "qa": "qa", "causal_lm": "lm", "chat": "lm"}
+HEAD_OF_TASK = {"classification": "classifier", "tagging": "tagger", "qa": "qa", "causal_lm": "lm", "chat": "lm",
+                "recurrent_lm": "lm"}
 
 
 def prepare_model(config: TrainConfig, labels: list[str]):
@@ -175,6 +203,7 @@ def prepare_model(config: TrainConfig, labels: list[str]):
 
     model, tokenizer = build_or_load(config)
     head = HEAD_OF_TASK[config.task.type]
+    check_task_fits_model(config, model)
     if labels:
         if head in model.heads and list(model.config.labels) != list(labels):
             del model.heads[head]  # a head trained for other labels: start a fresh one
@@ -193,6 +222,17 @@ def prepare_model(config: TrainConfig, labels: list[str]):
         del model.heads[name]
     apply_method(model, config)
     return model, tokenizer
+
+
+def check_task_fits_model(config: TrainConfig, model) -> None:
+    """Recurrent models train on token streams (recurrent_lm), Transformers on rows (causal_lm, chat)."""
+    task = config.task.type
+    if task == "recurrent_lm" and not model.is_recurrent:
+        raise ConfigError(f"model {config.model.name}: task recurrent_lm needs a recurrent model (family rnn); "
+                          f"for a {model.family} model use task causal_lm")
+    if task in ("causal_lm", "chat") and model.is_recurrent:
+        raise ConfigError(f"model {config.model.name}: a recurrent model learns language modelling with task "
+                          f"recurrent_lm (a token stream with its state carried), not {task}")
 
 
 def build_or_load(config: TrainConfig):
@@ -375,9 +415,15 @@ def train(config: TrainConfig, *, resume: bool = False, show_progress: bool = Tr
     s = config.train
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     step = make_step(config.task.type, labels=data.labels, examples=data.validation_examples,
-                     max_answer_length=config.task.max_answer_length, pad_token_id=pad_id)
+                     max_answer_length=config.task.max_answer_length, pad_token_id=pad_id, bptt=config.data.bptt)
     lengths = data.train.lengths
-    if s.group_by_length:
+    collate = lambda rows: pad_collate(rows, pad_token_id=pad_id)  # noqa: E731
+    if config.task.type == "recurrent_lm":
+        from tunelab.data.stream import StreamBatchSampler, collate_stream_chunks
+
+        sampler = StreamBatchSampler.for_features(data.train.features, s.batch_size)  # in order: the state carries
+        collate = collate_stream_chunks
+    elif s.group_by_length:
         sampler = LengthGroupedSampler(lengths, s.batch_size, seed=s.seed)
     else:
         sampler = RandomBatchSampler(len(lengths), s.batch_size, seed=s.seed)
@@ -386,7 +432,7 @@ def train(config: TrainConfig, *, resume: bool = False, show_progress: bool = Tr
         sampler.set_epoch(epoch, min(start_batch, sampler.num_batches))
         return sampler
 
-    batches = Batches(data.train.features, make_sampler, lambda rows: pad_collate(rows, pad_token_id=pad_id))
+    batches = Batches(data.train.features, make_sampler, collate)
     eval_rows = data.validation.features if data.validation is not None else None
     trainer = Trainer(model, step, batches, eval_rows, s, run_dir, show_progress=show_progress)
     if resume:
