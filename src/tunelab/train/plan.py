@@ -58,13 +58,16 @@ def make_plan(config: TrainConfig, *, timing_steps: int = 4) -> Plan:
     from tunelab.train.trainer import autocast_context, resolve_precision
 
     s = config.train
+    if s.num_threads:
+        torch.set_num_threads(s.num_threads)
     tokenizer = run_tokenizer(config)
     data = prepare_data(config, tokenizer)
     seed_everything(s.seed)
     model, tokenizer = prepare_model(config, data.labels)
     model.train()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    step = make_step(config.task.type, labels=data.labels, examples=data.validation_examples, pad_token_id=pad_id)
+    step = make_step(config.task.type, labels=data.labels, examples=data.validation_examples, pad_token_id=pad_id,
+                     bptt=config.data.bptt)
     lengths = data.train.lengths
     batches_per_epoch = math.ceil(len(lengths) / s.batch_size)
     steps_per_epoch = max(1, math.ceil(batches_per_epoch / s.grad_accum))

@@ -213,10 +213,12 @@ def prepare_model(config: TrainConfig, labels: list[str]):
                           f"task {config.task.type} needs a decoder with one")
     if head not in model.heads:
         new_head = make_head(model.config, head, len(labels) if labels else None)
-        if config.model.architecture is not None:
+        if config.model.architecture is not None or model.is_recurrent:
             from tunelab.models.registry import init_weights
 
-            new_head.apply(init_weights)  # the whole model starts from the same N(0, 0.02)
+            # the whole model starts from the same N(0, 0.02); a recurrent model's new head too, so that a
+            # pretrained and a from-scratch recurrent classifier start their heads alike
+            new_head.apply(init_weights)
         model.add_head(head, new_head.to(next(model.parameters()).dtype))
     for name in [n for n in model.heads if n != head]:
         del model.heads[name]

@@ -170,7 +170,8 @@ def test_fine_tuning_the_pretrained_lstm_for_sentiment(words_dir, tmp_path):
     final = quiet(config)
     records = [json.loads(line) for line in (tmp_path / "sst" / "metrics.jsonl").read_text().splitlines()]
     train_losses = [r["loss"] for r in records if r["split"] == "train"]
-    assert len(train_losses) == 12 and train_losses[-1] < train_losses[0] - 0.2, train_losses
+    assert len(train_losses) == 12, train_losses
+    assert sum(train_losses[-3:]) / 3 < sum(train_losses[:3]) / 3 - 0.1, train_losses
     assert "accuracy" in final
     saved = json.loads((tmp_path / "sst" / "model" / "config.json").read_text())
     assert saved["heads"] == ["classifier"] and saved["labels"] == ["0", "1"]
