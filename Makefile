@@ -41,6 +41,7 @@ bench: venv
 	$(PY) benchmarks/finetune_vs_hf.py conll
 	$(PY) benchmarks/task_figures.py xquad
 	$(PY) benchmarks/task_figures.py alpaca
+	$(PY) benchmarks/recurrent_lm.py all
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info

@@ -23,10 +23,12 @@ each optional:
     input_dropout      on the embedded inputs of the first layer
     hidden_dropout     between recurrent layers
     output_dropout     on the last layer's outputs, before the heads
+    weight_dropout     DropConnect (Wan et al. 2013) on the hidden-to-hidden weights W_hh: one mask per forward
+                       pass, shared by every time step (Merity et al.'s "weight drop", their main regulariser)
 With `variational_dropout` (default) a mask is drawn once per sequence and reused at every time step
 (Gal & Ghahramani 2016; Merity et al.'s "locked dropout"); without it every element of every step gets its
 own mask, which is Zaremba et al. 2014 ("Recurrent Neural Network Regularization": dropout on the
-non-recurrent connections only). The recurrent connections themselves are never dropped.
+non-recurrent connections only). The recurrent state itself is never dropped.
 
 Tied embeddings (Press & Wolf 2017; Inan et al. 2017): the output layer's weight is the input embedding
 matrix [V, E]. When the recurrent layers are wider than the embeddings (hidden_size != embedding_size), a
@@ -65,6 +67,7 @@ class RNNConfig(ModelConfig):
     input_dropout: float = 0.0
     hidden_dropout: float = 0.0
     output_dropout: float = 0.0
+    weight_dropout: float = 0.0
     variational_dropout: bool = True
     tie_embeddings: bool = True
     classifier_pooling: str = "concat"  # last, max, mean, concat ([last; max; mean], Howard & Ruder 2018)
@@ -89,7 +92,7 @@ class RNNConfig(ModelConfig):
         if self.hidden_size <= 0 or self.num_layers <= 0 or self.embedding_size < 0 or self.vocab_size <= 0:
             raise ValueError(f"vocab_size, hidden_size and num_layers must be positive and embedding_size >= 0 "
                              f"(got {self.vocab_size}, {self.hidden_size}, {self.num_layers}, {self.embedding_size})")
-        for name in ("embedding_dropout", "input_dropout", "hidden_dropout", "output_dropout"):
+        for name in ("embedding_dropout", "input_dropout", "hidden_dropout", "output_dropout", "weight_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.classifier_pooling not in POOLINGS:
@@ -189,7 +192,9 @@ class RNNModel(nn.Module):
             for i, layer in enumerate(self.layers):
                 if i > 0:
                     x = self.hidden_dropout(x)
-                x, layer_state = _run_layer(layer, x, state[i] if state is not None else None, lengths)  # [B, T, H]
+                weight_p = self.config.weight_dropout if self.training else 0.0
+                x, layer_state = _run_layer(layer, x, state[i] if state is not None else None, lengths,
+                                            weight_p)  # [B, T, H]
                 new_state.append(layer_state)
         x = self.output_dropout(x)
         if self.out_proj is not None:
@@ -224,16 +229,23 @@ def _roll_rows(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
 
 
 def _run_layer(layer: nn.RNNBase, x: torch.Tensor, state: tuple[torch.Tensor, ...] | None,
-               lengths: torch.Tensor | None) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-    """One recurrent layer over x [B, T, D_in] (right-padded to `lengths` when given) -> ([B, T, H], state)."""
+               lengths: torch.Tensor | None, weight_dropout: float = 0.0) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """One recurrent layer over x [B, T, D_in] (right-padded to `lengths` when given) -> ([B, T, H], state).
+
+    weight_dropout > 0: the layer runs with a dropped-out copy of W_hh (DropConnect); its own weight is kept.
+    """
     hx = None
     if state is not None:
         hx = state if isinstance(layer, nn.LSTM) else state[0]
-    if lengths is None:
-        out, h = layer(x, hx)
+    inputs = x
+    if lengths is not None:
+        inputs = pack_padded_sequence(x, lengths.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False)
+    if weight_dropout > 0.0:
+        dropped = nn.functional.dropout(layer.weight_hh_l0, weight_dropout, training=True)  # [gates * H, H]
+        out, h = torch.func.functional_call(layer, {"weight_hh_l0": dropped}, (inputs, hx))
     else:
-        packed = pack_padded_sequence(x, lengths.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False)
-        out, h = layer(packed, hx)
+        out, h = layer(inputs, hx)
+    if lengths is not None:
         out, _ = pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
     return out, (tuple(h) if isinstance(layer, nn.LSTM) else (h,))
 

@@ -278,3 +278,22 @@ def test_generation_of_left_padded_prompts_equals_each_prompt_alone(word_tokeniz
     alone = [generate(model, word_tokenizer, [p], settings)[0].token_ids for p in prompts]
     assert together == alone
     assert len({tuple(t) for t in together}) > 1
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_weight_dropout_drops_recurrent_weights_in_training_only(cell):
+    model = tiny(cell, weight_dropout=0.5)
+    plain = tiny(cell)  # the same seed: the same weights
+    x = ids(3, 7)
+    layer = model.backbone.layers[0]
+    before = layer.weight_hh_l0.detach().clone()
+    model.train()
+    out = model(x).logits["lm"]
+    assert not torch.allclose(out, plain.eval()(x).logits["lm"])  # W_hh was dropped
+    out.sum().backward()
+    assert torch.equal(layer.weight_hh_l0.detach(), before)  # the layer's own weight is untouched
+    grad = layer.weight_hh_l0.grad
+    assert grad is not None and (grad == 0).any() and (grad != 0).any()  # dropped entries get no gradient
+    torch.testing.assert_close(model.eval()(x).logits["lm"], plain(x).logits["lm"], rtol=0, atol=0)
+    padded = torch.tensor([[4, 5, 6, 0], [7, 8, 9, 10]])
+    model.train()(padded, attention_mask=(padded != 0).long())  # packed sequences run with the dropped weight too
