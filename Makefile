@@ -42,6 +42,7 @@ bench: venv
 	$(PY) benchmarks/task_figures.py xquad
 	$(PY) benchmarks/task_figures.py alpaca
 	$(PY) benchmarks/task_figures.py shakespeare
+	$(PY) benchmarks/recurrent_lm.py all
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info

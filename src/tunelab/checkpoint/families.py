@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tunelab.checkpoint import names as N
+from tunelab.checkpoint.native import NATIVE_MODEL_TYPES
 from tunelab.errors import CheckpointError
 from tunelab.models.base import ModelConfig
 from tunelab.models.bert import BertConfig
@@ -79,7 +80,8 @@ def architecture_for(hf_config: dict, source: str) -> Architecture:
     model_type = hf_config.get("model_type")
     if model_type not in MODEL_TYPES:
         raise CheckpointError(
-            f"{source}: unknown architecture: model_type {model_type!r}; supported: {', '.join(MODEL_TYPES)}"
+            f"{source}: unknown architecture: model_type {model_type!r}; supported: "
+            f"{', '.join(MODEL_TYPES + tuple(NATIVE_MODEL_TYPES))}"
         )
     for name in hf_config.get("architectures") or []:
         if name in ARCHITECTURES:

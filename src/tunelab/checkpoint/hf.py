@@ -17,6 +17,8 @@ from safetensors.torch import load_file, save_file
 
 from tunelab.checkpoint import names as N
 from tunelab.checkpoint.families import Architecture, architecture_for, architecture_for_heads, config_from_hf, config_to_hf
+from tunelab.checkpoint.native import (is_native, is_native_family, native_config_from_json, native_config_to_json,
+                                       native_state)
 from tunelab.errors import CheckpointError
 from tunelab.models.base import Model
 from tunelab.models.gpt2 import GPT2Config
@@ -159,8 +161,23 @@ def read_hf_model(directory: str | Path, *, dtype: torch.dtype | None = None) ->
     directory = Path(directory)
     hf_config = read_hf_config(directory)
     config_source = str(directory / "config.json")
+    if is_native(hf_config):
+        return _native_model(hf_config, directory, dtype)
     architecture_for(hf_config, config_source)  # fail on an unknown architecture before reading weights
     return model_from_hf(hf_config, read_hf_weights(directory), str(directory), dtype=dtype)
+
+
+def _native_model(hf_config: dict, directory: Path, dtype: torch.dtype | None) -> Model:
+    """A model of a family without an HF architecture (checkpoint/native.py): weights under our own names."""
+    config, heads = native_config_from_json(hf_config, str(directory / "config.json"))
+    with torch.device("meta"):
+        model = build_model(config, heads)
+    tensors = read_hf_weights(directory)
+    model = model.to_empty(device="cpu")
+    load_state(model, tensors, str(directory))
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.eval()
 
 
 def model_from_hf(
@@ -238,12 +255,16 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def write_hf_model(model: Model, directory: str | Path, *, dtype: torch.dtype | None = None) -> Path:
-    """Write config.json + model.safetensors that transformers loads; returns the directory."""
+    """Write config.json + model.safetensors that transformers loads (our own families without an HF
+    architecture: the same layout with our model_type, see checkpoint/native.py); returns the directory."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    arch, tensors = ours_to_hf(model)
+    if is_native_family(model.config):
+        tensors, hf_config = native_state(model), native_config_to_json(model)
+    else:
+        arch, tensors = ours_to_hf(model)
+        hf_config = config_to_hf(model.config, arch)
     tensors = {k: (v.to(dtype) if dtype is not None else v).detach().contiguous().cpu() for k, v in tensors.items()}
-    hf_config = config_to_hf(model.config, arch)
     sample = next(iter(tensors.values()))
     hf_config["torch_dtype"] = str(sample.dtype).removeprefix("torch.")
     _atomic_write(directory / "model.safetensors", lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))

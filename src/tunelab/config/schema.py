@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-TaskType = Literal["classification", "tagging", "qa", "causal_lm", "chat", "masked_lm"]
+TaskType = Literal["classification", "tagging", "qa", "causal_lm", "chat", "masked_lm", "recurrent_lm"]
 DataFormat = Literal["auto", "jsonl", "json", "csv", "tsv", "parquet", "txt", "conll", "squad", "alpaca", "sharegpt", "messages"]
 
 
@@ -125,6 +125,7 @@ class DataSection(Section):
         "auto", description="what a document of a .txt file is: the whole file, blocks between blank lines, one "
         "line, or a WikiText article (from one ' = Title = ' line to the next); auto: file for causal_lm, "
         "paragraph for masked_lm")
+    bptt: int = Field(35, ge=1, description="recurrent_lm: tokens per chunk of truncated back-propagation through time")
     max_train_examples: int | None = Field(None, ge=1)
     max_validation_examples: int | None = Field(None, ge=1)
 

@@ -28,6 +28,8 @@ def _source_config(source: str, data: str | None, task: str | None, overrides: l
             if not heads:
                 raise TunelabError(f"{source}: the model has no task head; say which task with --task")
             task = TASK_OF_HEAD[heads[0]]
+            if task == "causal_lm" and model.is_recurrent:
+                task = "recurrent_lm"
         if data is None:
             raise TunelabError(f"{source} is a model, not a run: give the data to evaluate with --data FILE")
         raw = {"output_dir": ".", "model": {"source": source}, "task": {"type": task, "labels": model.config.labels or None},
@@ -50,6 +52,12 @@ def _rows(config: TrainConfig, tokenizer, labels: list[str], use_data_file: bool
     from tunelab.train.run import prepare_data
 
     d = config.data
+    if use_data_file and config.task.type == "recurrent_lm":
+        from tunelab.data.stream import encode_stream, stream_feature
+        from tunelab.data.text import load_text
+
+        documents = load_text(d.train_paths(), format=d.format, text_field=d.text_field)
+        return [stream_feature(encode_stream(documents, tokenizer))], []
     if use_data_file and config.task.type == "qa":
         from tunelab.data.qa import encode_qa_eval, read_squad
 
@@ -86,12 +94,18 @@ def evaluate_source(source: str, *, data: str | None = None, task: str | None = 
     from tunelab.train.tasks import make_step
     from tunelab.train.trainer import autocast_context, resolve_precision
 
+    from tunelab.train.run import check_task_fits_model
+
     model, tokenizer, config, use_file = _source_config(source, data, task, overrides or [])
+    check_task_fits_model(config, model)
+    if config.train.num_threads:
+        torch.set_num_threads(config.train.num_threads)
     labels = list(model.config.labels or [])
     features, examples = _rows(config, tokenizer, labels, use_file)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     step = make_step(config.task.type, labels=labels, examples=examples,
-                     max_answer_length=config.task.max_answer_length, pad_token_id=pad, nsp=config.task.nsp)
+                     max_answer_length=config.task.max_answer_length, pad_token_id=pad, nsp=config.task.nsp,
+                     bptt=config.data.bptt)
     device = next(model.parameters()).device
     autocast = autocast_context(resolve_precision(config.train.precision, device), device)
     with torch.inference_mode():
@@ -119,7 +133,7 @@ def predict_source(source: str, data: str, out: str, *, task: str | None = None,
     model, tokenizer, config, _ = _source_config(source, data, task, overrides or [])
     labels = list(model.config.labels or [])
     kind = config.task.type
-    if kind in ("causal_lm", "chat"):
+    if kind in ("causal_lm", "chat", "recurrent_lm"):
         raise ConfigError(f"predict writes task predictions; for a {kind} model use `tunelab generate`")
     if kind == "masked_lm":
         raise ConfigError("predict writes task predictions; for a masked_lm model use `tunelab fill-mask`")

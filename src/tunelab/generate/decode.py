@@ -1,4 +1,5 @@
-"""Autoregressive decoding with a KV cache, batched over left-padded prompts, streamed as text."""
+"""Autoregressive decoding with a KV cache (or a recurrent model's state), batched over left-padded prompts,
+streamed as text."""
 
 from __future__ import annotations
 
@@ -87,14 +88,20 @@ def decode_tokens(
         ids[row, T - len(prompt):] = torch.tensor(prompt, device=device)
         mask[row, T - len(prompt):] = 1
     positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # [B, T]
-    cache = model.new_cache(B, T + steps)
+    recurrent = model.is_recurrent
+    cache = None if recurrent else model.new_cache(B, T + steps)
+    state = None  # a recurrent model's state: after the prompt (each row's last real token), then each new token
     generator = None
     if settings.seed is not None:
         generator = torch.Generator(device=device).manual_seed(settings.seed)
     lm_head = model.heads["lm"]
     done = torch.zeros(B, dtype=torch.bool, device=device)
     for _ in range(steps):
-        hidden = model(ids, mask, position_ids=positions, cache=cache, heads=()).hidden  # [B, t, D]
+        if recurrent:
+            out = model(ids, mask, state=state, heads=())
+            hidden, state = out.hidden, out.state  # [B, t, D]
+        else:
+            hidden = model(ids, mask, position_ids=positions, cache=cache, heads=()).hidden  # [B, t, D]
         logits = lm_head(hidden[:, -1])  # [B, V]: the head runs on the last position only
         new = next_tokens(
             logits, temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p, generator=generator

@@ -27,7 +27,12 @@ class ModelConfig:
     # Task heads: label names for classification / tagging heads (index = class id).
     labels: list[str] = field(default_factory=list)
 
-    family = ""  # "bert", "gpt2", "llama": set by each subclass
+    family = ""  # "bert", "gpt2", "llama", "rnn": set by each subclass
+
+    @property
+    def output_size(self) -> int:
+        """Width of the hidden vectors the heads see."""
+        return self.hidden_size
 
     def to_dict(self) -> dict[str, Any]:
         return {"family": self.family, **asdict(self)}
@@ -40,11 +45,13 @@ class ModelConfig:
 
 @dataclass
 class ModelOutput:
-    """hidden [B, T, D]; pooled [B, D] (encoders with a pooler); logits of each head that ran, by name."""
+    """hidden [B, T, D]; pooled [B, D] (encoders with a pooler); logits of each head that ran, by name;
+    state: a recurrent model's state after the last token (pass it back as `state=` to continue the text)."""
 
     hidden: torch.Tensor
     pooled: torch.Tensor | None = None
     logits: dict[str, torch.Tensor] = field(default_factory=dict)
+    state: Any = None
 
     def __getitem__(self, head: str) -> torch.Tensor:
         return self.logits[head]
@@ -67,6 +74,11 @@ class Model(nn.Module):
     @property
     def is_decoder(self) -> bool:
         return getattr(self.backbone, "causal", False)
+
+    @property
+    def is_recurrent(self) -> bool:
+        """A recurrent model (family rnn): it carries a state instead of attending to a KV cache."""
+        return getattr(self.backbone, "recurrent", False)
 
     def tie_weights(self) -> None:
         """Share the token-embedding matrix with the output projection where the config says so."""
@@ -91,31 +103,43 @@ class Model(nn.Module):
         position_ids: torch.Tensor | None = None,
         document_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        state: Any = None,
         heads: Iterable[str] | None = None,
     ) -> ModelOutput:
         """input_ids [B, T]; attention_mask [B, T_past + T] (1 = token, 0 = padding).
 
+        state: a recurrent model's state to start from (None: zeros); ModelOutput.state is the one after.
         heads: names of the heads to run (default all; () for hidden states only).
         """
-        hidden, pooled = self.backbone(
-            input_ids,
-            attention_mask,
-            token_type_ids=token_type_ids,
-            position_ids=position_ids,
-            document_ids=document_ids,
-            cache=cache,
-        )
+        new_state = None
+        if self.is_recurrent:
+            if cache is not None or document_ids is not None:
+                raise ValueError("a recurrent model takes state=, not a KV cache or per-document masks "
+                                 "(packed rows: train it with task recurrent_lm)")
+            hidden, new_state = self.backbone(input_ids, attention_mask, state=state)
+            pooled = None
+        else:
+            if state is not None:
+                raise ValueError(f"state= is for recurrent models; a {self.family} model has none")
+            hidden, pooled = self.backbone(
+                input_ids,
+                attention_mask,
+                token_type_ids=token_type_ids,
+                position_ids=position_ids,
+                document_ids=document_ids,
+                cache=cache,
+            )
         names = self.heads.keys() if heads is None else heads
         mask = attention_mask[:, -input_ids.shape[1]:] if attention_mask is not None else None
         logits = {name: self.heads[name](hidden, pooled, mask) for name in names}
-        return ModelOutput(hidden=hidden, pooled=pooled, logits=logits)
+        return ModelOutput(hidden=hidden, pooled=pooled, logits=logits, state=new_state)
 
     def new_cache(
         self, batch_size: int, max_len: int, *, dtype: torch.dtype | None = None, device=None
     ) -> KVCache:
         """An empty KV cache for decoding up to max_len positions (decoders only)."""
-        if not self.is_decoder:
-            raise TypeError(f"{self.family} is not a decoder; it has no KV cache")
+        if not self.is_decoder or self.is_recurrent:
+            raise TypeError(f"{self.family} is not a Transformer decoder; it has no KV cache")
         attn = self.backbone.layers[0].attn
         param = next(self.parameters())
         return KVCache(

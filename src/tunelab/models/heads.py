@@ -60,11 +60,31 @@ def last_token(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> tor
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
 
+def masked_max(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Max over the real tokens of each row: [B, T, D] -> [B, D]."""
+    if attention_mask is None:
+        return hidden.max(dim=1).values
+    fill = torch.finfo(hidden.dtype).min
+    return hidden.masked_fill(~attention_mask.bool()[:, :, None], fill).max(dim=1).values
+
+
+def masked_mean(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean over the real tokens of each row: [B, T, D] -> [B, D]."""
+    if attention_mask is None:
+        return hidden.mean(dim=1)
+    mask = attention_mask.to(hidden.dtype)[:, :, None]  # [B, T, 1]
+    return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+
+
+POOLINGS = ("pooled", "first", "last", "max", "mean", "concat")
+
+
 class SequenceClassificationHead(nn.Module):
     """Class logits [B, C] from one vector per sequence.
 
     pooling: "pooled" (BERT: the pooler's tanh(W h_CLS)), "first" (the first token, with a dense + tanh
-    layer as RoBERTa, or dense + ReLU as DistilBERT) or "last" (the last real token; decoders).
+    layer as RoBERTa, or dense + ReLU as DistilBERT), "last" (the last real token; decoders), "max" or "mean"
+    over the real tokens, or "concat": [last; max; mean], 3 x D wide (Howard & Ruder 2018, ULMFiT sec. 3.3).
     """
 
     def __init__(
@@ -78,21 +98,28 @@ class SequenceClassificationHead(nn.Module):
         bias: bool = True,
     ) -> None:
         super().__init__()
-        if pooling not in ("pooled", "first", "last"):
-            raise ValueError(f"pooling must be pooled, first or last, not {pooling!r}")
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, not {pooling!r}")
         self.pooling = pooling
         self.dense = nn.Linear(dim, dim) if hidden_activation else None
         self.act = get_activation(hidden_activation) if hidden_activation else None
         self.dropout = nn.Dropout(dropout)
-        self.out = nn.Linear(dim, num_labels, bias=bias)
+        self.out = nn.Linear(3 * dim if pooling == "concat" else dim, num_labels, bias=bias)
 
     def forward(self, hidden, pooled=None, attention_mask=None) -> torch.Tensor:
         if self.pooling == "pooled":
             x = pooled
         elif self.pooling == "first":
             x = hidden[:, 0]
-        else:
+        elif self.pooling == "last":
             x = last_token(hidden, attention_mask)
+        elif self.pooling == "max":
+            x = masked_max(hidden, attention_mask)
+        elif self.pooling == "mean":
+            x = masked_mean(hidden, attention_mask)
+        else:
+            x = torch.cat([last_token(hidden, attention_mask), masked_max(hidden, attention_mask),
+                           masked_mean(hidden, attention_mask)], dim=-1)  # [B, 3D]
         if self.dense is not None:
             x = self.act(self.dense(self.dropout(x)))
         return self.out(self.dropout(x))

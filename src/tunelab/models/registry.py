@@ -11,11 +11,13 @@ from tunelab.models.base import Model, ModelConfig
 from tunelab.models.bert import BertConfig, BertModel, BertPooler
 from tunelab.models.gpt2 import GPT2Config, GPT2Model
 from tunelab.models.llama import LlamaConfig, LlamaModel
+from tunelab.models.rnn import RNNConfig, RNNModel
 
 FAMILIES: dict[str, tuple[type[ModelConfig], type[nn.Module]]] = {
     "bert": (BertConfig, BertModel),
     "gpt2": (GPT2Config, GPT2Model),
     "llama": (LlamaConfig, LlamaModel),
+    "rnn": (RNNConfig, RNNModel),
 }
 
 HEAD_NAMES = ("lm", "mlm", "nsp", "classifier", "tagger", "qa")
@@ -50,6 +52,12 @@ def config_from_architecture(architecture: dict, **defaults) -> ModelConfig:
             raise ValueError(f"model.architecture.{key}: not a field of a {family} config{hint}")
     values = {**{k: v for k, v in defaults.items() if k in known}, **arch}
     config = cls(**values)
+    if isinstance(config, RNNConfig):
+        try:
+            config.check()
+        except ValueError as err:
+            raise ValueError(f"model.architecture: {err}") from None
+        return config
     if config.hidden_size <= 0 or config.num_layers <= 0 or config.num_heads <= 0:
         raise ValueError(f"model.architecture: hidden_size, num_layers and num_heads must be positive "
                          f"(got {config.hidden_size}, {config.num_layers}, {config.num_heads})")
@@ -61,11 +69,13 @@ def config_from_architecture(architecture: dict, **defaults) -> ModelConfig:
 
 def make_head(config: ModelConfig, name: str, num_labels: int | None = None) -> nn.Module:
     """A fresh head called `name` shaped for `config` (num_labels defaults to len(config.labels))."""
-    dim, mt = config.hidden_size, config.model_type
+    dim, mt = config.output_size, config.model_type
     labels = num_labels if num_labels is not None else len(config.labels)
     dropout = getattr(config, "hidden_dropout", getattr(config, "dropout", 0.0))
-    if name == "lm":
-        return H.LMHead(dim, config.vocab_size)
+    if isinstance(config, RNNConfig):
+        dropout = 0.0  # the recurrent backbone applies its output_dropout before any head
+    if name == "lm":  # a recurrent LM's output layer has a bias (the unigram frequencies), as in Merity et al.
+        return H.LMHead(dim, config.vocab_size, bias=isinstance(config, RNNConfig))
     if name == "mlm":
         eps = getattr(config, "layer_norm_eps", 1e-12)
         return H.MaskedLMHead(dim, config.vocab_size, getattr(config, "hidden_act", "gelu"), eps)
@@ -74,6 +84,8 @@ def make_head(config: ModelConfig, name: str, num_labels: int | None = None) -> 
     if name in ("classifier", "tagger") and labels < 1:
         raise ValueError(f"the {name} head needs num_labels (or labels in the config)")
     if name == "classifier":
+        if isinstance(config, RNNConfig):  # the backbone's output dropout already sits before the head
+            return H.SequenceClassificationHead(dim, labels, pooling=config.classifier_pooling, dropout=0.0)
         if mt == "bert":
             return H.SequenceClassificationHead(dim, labels, pooling="pooled", dropout=dropout)
         if mt == "roberta":
@@ -109,6 +121,8 @@ def build_model(config: ModelConfig, heads: Iterable[str] = (), num_labels: int 
     backbone = FAMILIES[config.family][1](config)
     model = Model(config, backbone, {name: make_head(config, name, num_labels) for name in heads})
     model.apply(init_weights)
+    if hasattr(backbone, "init_weights"):
+        backbone.init_weights()  # a family with its own initialisation (rnn)
     model.tie_weights()
     return model
 

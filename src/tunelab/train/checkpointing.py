@@ -58,10 +58,12 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(directory: Path, model, optimizer, scheduler, state: TrainerState) -> Path:
+def save_checkpoint(directory: Path, model, optimizer, scheduler, state: TrainerState, *,
+                    task_state: dict | None = None) -> Path:
     """Write checkpoint `directory` atomically (all files into DIR.tmp, then one rename).
 
-    Without optimizer and scheduler it holds the weights only (the best model's copy).
+    Without optimizer and scheduler it holds the weights only (the best model's copy). `task_state` is what
+    a task step carries between batches (a recurrent LM's state), saved with the optimizer.
     """
     tmp = directory.with_name(directory.name + ".tmp")
     if tmp.exists():
@@ -69,10 +71,10 @@ def save_checkpoint(directory: Path, model, optimizer, scheduler, state: Trainer
     tmp.mkdir(parents=True)
     save_file(trainable_state(model), str(tmp / "model.safetensors"))
     if optimizer is not None:
-        torch.save(
-            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
-            tmp / "training.pt",
-        )
+        blob = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()}
+        if task_state is not None:
+            blob["task"] = task_state
+        torch.save(blob, tmp / "training.pt")
     (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2) + "\n")
     _fsync_dir(tmp)
     if directory.exists():
@@ -105,13 +107,19 @@ def load_model_weights(directory: Path, model) -> None:
             params[name].copy_(tensor)
 
 
-def load_checkpoint(directory: Path, model, optimizer, scheduler) -> TrainerState:
-    """Restore model, optimizer, scheduler and RNG states; returns the trainer state to continue from."""
+def load_checkpoint(directory: Path, model, optimizer, scheduler, task=None) -> TrainerState:
+    """Restore model, optimizer, scheduler and RNG states (and the task step's carried state, when the task
+    has one); returns the trainer state to continue from."""
     load_model_weights(directory, model)
     blob = torch.load(directory / "training.pt", map_location="cpu", weights_only=False)
     optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
     set_rng_state(blob["rng"])
+    if task is not None and hasattr(task, "load_state_dict"):
+        if "task" not in blob:
+            raise CheckpointError(f"{directory}: the checkpoint lacks the task's carried state (written by an "
+                                  "older tunelab?); it cannot resume exactly")
+        task.load_state_dict(blob["task"])
     return TrainerState(**json.loads((directory / STATE_FILE).read_text()))
 
 

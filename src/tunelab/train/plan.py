@@ -67,7 +67,7 @@ def make_plan(config: TrainConfig, *, timing_steps: int = 4) -> Plan:
     model.train()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     step = make_step(config.task.type, labels=data.labels, examples=data.validation_examples, pad_token_id=pad_id,
-                     nsp=config.task.nsp)
+                     nsp=config.task.nsp, bptt=config.data.bptt)
     if config.task.type == "masked_lm":
         collate = masking_collator(config, tokenizer)
     else:

@@ -205,6 +205,30 @@ def masking_collator(config: TrainConfig, tokenizer, *, stream: int = 0):
     settings = MaskingSettings(probability=t.mask_probability, mask_token_fraction=t.mask_token_fraction,
                                random_token_fraction=t.random_token_fraction, whole_word=t.whole_word_masking)
     return MaskedLMCollator.for_tokenizer(tokenizer, settings, seed=config.train.seed, stream=stream)
+def _prepare_recurrent_lm(config: TrainConfig, tokenizer, labels) -> PreparedData:
+    """One token stream: training chunks of data.bptt tokens in train.batch_size parallel streams; the
+    validation stream as one feature (the last validation_split of the tokens when there is no file)."""
+    from tunelab.data.encoded import EncodedDataset
+    from tunelab.data.stream import encode_stream, stream_chunks, stream_feature
+    from tunelab.data.text import load_text
+
+    d = config.data
+    read = lambda paths: load_text(paths, format=d.format, text_field=d.text_field)  # noqa: E731
+    documents = read(d.train_paths())
+    train = encode_stream(documents, tokenizer)
+    validation = encode_stream(read(d.validation_paths()), tokenizer) if d.validation_paths() else None
+    if validation is None and d.validation_split > 0:
+        cut = len(train) - max(2, round(len(train) * d.validation_split))
+        train, validation = train[:cut], train[cut:]
+    # rows (chunks) are the examples of a language model: max_*_examples limit the stream to that many chunks
+    if d.max_train_examples is not None:
+        train = train[: d.max_train_examples * d.bptt + 1]
+    if validation is not None and d.max_validation_examples is not None:
+        validation = validation[: d.max_validation_examples * d.bptt + 1]
+    train_rows = stream_chunks(train, config.train.batch_size, d.bptt)
+    train_rows.num_examples = len(documents)
+    val_rows = EncodedDataset([stream_feature(validation)], num_examples=1) if validation else None
+    return PreparedData(train_rows, val_rows, [], [], len(documents))
 
 
 # task type -> (config, tokenizer, labels) -> PreparedData; each task's data module does the reading and encoding
@@ -215,6 +239,7 @@ DATA_PREPARERS = {
     "chat": _prepare_chat,
     "causal_lm": _prepare_causal_lm,
     "masked_lm": _prepare_masked_lm,
+    "recurrent_lm": _prepare_recurrent_lm,
 }
 
 
@@ -223,7 +248,7 @@ DATA_PREPARERS = {
 # task type -> the heads it trains (the first one carries the labels of labelled tasks)
 HEADS_OF_TASK: dict[str, tuple[str, ...]] = {
     "classification": ("classifier",), "tagging": ("tagger",), "qa": ("qa",), "causal_lm": ("lm",), "chat": ("lm",),
-    "masked_lm": ("mlm", "nsp"),
+    "masked_lm": ("mlm", "nsp"), "recurrent_lm": ("lm",),
 }
 
 
@@ -244,6 +269,7 @@ def prepare_model(config: TrainConfig, labels: list[str], tokenizer=None):
 
     model, tokenizer = build_or_load(config, tokenizer)
     heads = task_heads(config)
+    check_task_fits_model(config, model)
     if labels:
         if heads[0] in model.heads and list(model.config.labels) != list(labels):
             del model.heads[heads[0]]  # a head trained for other labels: start a fresh one
@@ -257,20 +283,33 @@ def prepare_model(config: TrainConfig, labels: list[str], tokenizer=None):
     if "nsp" in heads and model.config.model_type != "bert":
         raise ConfigError(f"model {config.model.name}: next-sentence prediction is BERT's (BertForPreTraining); "
                           f"a {model.config.model_type} model pretrains with task.nsp=false")
-    from_scratch = config.model.architecture is not None
+    # from scratch, the whole model starts from the same N(0, 0.02); a recurrent model's new head too, so that
+    # a pretrained and a from-scratch recurrent classifier start their heads alike
+    fresh_heads_init = config.model.architecture is not None or model.is_recurrent
     pooler = ensure_pooler(model, heads)  # BertForMaskedLM checkpoints have none; NSP and BERT's classifier need it
-    if pooler is not None and from_scratch:
+    if pooler is not None and config.model.architecture is not None:
         pooler.apply(init_weights)
     for head in heads:
         if head not in model.heads:
             new_head = make_head(model.config, head, len(labels) if labels and head == heads[0] else None)
-            if from_scratch:
-                new_head.apply(init_weights)  # the whole model starts from the same N(0, 0.02)
+            if fresh_heads_init:
+                new_head.apply(init_weights)
             model.add_head(head, new_head.to(next(model.parameters()).dtype))
     for name in [n for n in model.heads if n not in heads]:
         del model.heads[name]
     apply_method(model, config)
     return model, tokenizer
+
+
+def check_task_fits_model(config: TrainConfig, model) -> None:
+    """Recurrent models train on token streams (recurrent_lm), Transformers on rows (causal_lm, chat)."""
+    task = config.task.type
+    if task == "recurrent_lm" and not model.is_recurrent:
+        raise ConfigError(f"model {config.model.name}: task recurrent_lm needs a recurrent model (family rnn); "
+                          f"for a {model.family} model use task causal_lm")
+    if task in ("causal_lm", "chat") and model.is_recurrent:
+        raise ConfigError(f"model {config.model.name}: a recurrent model learns language modelling with task "
+                          f"recurrent_lm (a token stream with its state carried), not {task}")
 
 
 def build_or_load(config: TrainConfig, tokenizer=None):
@@ -487,9 +526,16 @@ def train(config: TrainConfig, *, resume: bool = False, show_progress: bool = Tr
     s = config.train
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     step = make_step(config.task.type, labels=data.labels, examples=data.validation_examples,
-                     max_answer_length=config.task.max_answer_length, pad_token_id=pad_id, nsp=config.task.nsp)
+                     max_answer_length=config.task.max_answer_length, pad_token_id=pad_id, nsp=config.task.nsp,
+                     bptt=config.data.bptt)
     lengths = data.train.lengths
-    if s.group_by_length:
+    collate = lambda rows: pad_collate(rows, pad_token_id=pad_id)  # noqa: E731
+    if config.task.type == "recurrent_lm":
+        from tunelab.data.stream import StreamBatchSampler, collate_stream_chunks
+
+        sampler = StreamBatchSampler.for_features(data.train.features, s.batch_size)  # in order: the state carries
+        collate = collate_stream_chunks
+    elif s.group_by_length:
         sampler = LengthGroupedSampler(lengths, s.batch_size, seed=s.seed)
     else:
         sampler = RandomBatchSampler(len(lengths), s.batch_size, seed=s.seed)
@@ -503,7 +549,7 @@ def train(config: TrainConfig, *, resume: bool = False, show_progress: bool = Tr
     if config.task.type == "masked_lm":  # masks drawn per batch from (seed, epoch, batch index)
         batches = Batches(data.train.features, make_sampler, masking_collator(config, tokenizer), seeded=True)
     else:
-        batches = Batches(data.train.features, make_sampler, lambda rows: pad_collate(rows, pad_token_id=pad_id))
+        batches = Batches(data.train.features, make_sampler, collate)
     eval_rows = data.validation.features if data.validation is not None else None
     samples = None
     if s.sample_prompts:

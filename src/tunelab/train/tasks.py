@@ -276,8 +276,69 @@ class MaskedLMStep(TaskStep):
         return metrics
 
 
+class RecurrentLMStep(TaskStep):
+    """Next-token prediction for recurrent models with truncated back-propagation through time.
+
+    The step owns the recurrent state carried from one training batch (chunk t of every stream, see
+    data/stream.py) to the next, detached so that gradients stop at the chunk boundary; it starts again
+    from zeros at chunk 0 (every epoch). The carried state is part of a resumable checkpoint
+    (state_dict / load_state_dict), so a resumed run continues exactly. Evaluation reads the whole stream,
+    cut into `batch_size` rows, chunk by chunk with the state carried, and scores every token but the first.
+    """
+
+    head, main_metric, greater_is_better = "lm", "loss", False
+
+    def __init__(self, pad_token_id: int = 0, bptt: int = 35) -> None:
+        super().__init__(pad_token_id)
+        self.bptt = bptt
+        self.state = None  # carried between training batches
+
+    def num_targets(self, batch: dict) -> int:
+        return int((batch["labels"] != -100).sum())
+
+    def loss(self, model, batch):
+        from tunelab.models.rnn import detach_state, state_batch_size
+
+        state = self.state
+        if batch.get("chunk", 0) == 0 or (state is not None and state_batch_size(state) != batch["input_ids"].shape[0]):
+            state = None  # the streams start again (a new epoch)
+        out = model(batch["input_ids"], batch.get("attention_mask"), state=state, heads=(self.head,))
+        self.state = detach_state(out.state)
+        return token_loss(out.logits[self.head], batch["labels"])
+
+    def state_dict(self) -> dict:
+        from tunelab.models.rnn import state_to_tensors
+
+        return {"state": state_to_tensors(self.state)}
+
+    def load_state_dict(self, data: dict) -> None:
+        from tunelab.models.rnn import state_from_tensors
+
+        self.state = state_from_tensors(data.get("state", {}))
+
+    @torch.inference_mode()
+    def evaluate(self, model, features, batch_size, autocast) -> dict:
+        from tunelab.data.stream import evaluation_rows
+
+        model.eval()
+        device = next(model.parameters()).device
+        tokens = [token for feature in features for token in feature["input_ids"]]
+        inputs, labels = evaluation_rows(tokens, batch_size, self.pad_token_id)  # [R, L]
+        total, count, state = 0.0, 0, None
+        for start in range(0, inputs.shape[1], self.bptt):
+            ids = inputs[:, start : start + self.bptt].to(device)
+            targets = labels[:, start : start + self.bptt].to(device)
+            with autocast():
+                out = model(ids, state=state, heads=(self.head,))
+                loss, n = token_loss(out.logits[self.head], targets)
+            state = out.state
+            total, count = total + float(loss), count + n
+        mean = total / max(1, count)
+        return {"loss": mean, "perplexity": M.perplexity(mean), "tokens": count}
+
+
 def make_step(task_type: str, *, labels=None, examples=None, max_answer_length=30, pad_token_id=0,
-              nsp: bool = True) -> TaskStep:
+              nsp: bool = True, bptt: int = 35) -> TaskStep:
     if task_type == "classification":
         return ClassificationStep(labels, pad_token_id)
     if task_type == "tagging":
@@ -288,6 +349,8 @@ def make_step(task_type: str, *, labels=None, examples=None, max_answer_length=3
         return CausalLMStep(pad_token_id)
     if task_type == "masked_lm":
         return MaskedLMStep(nsp, pad_token_id)
+    if task_type == "recurrent_lm":
+        return RecurrentLMStep(pad_token_id, bptt)
     raise ValueError(f"unknown task type {task_type!r}")
 
 

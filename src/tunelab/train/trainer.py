@@ -47,6 +47,9 @@ class TaskStep(Protocol):
 
     def evaluate(self, model, features: list[dict], batch_size: int, autocast) -> dict[str, Any]: ...
 
+    # optional: a step that carries something from batch to batch (a recurrent LM's state) also has
+    # state_dict() -> dict and load_state_dict(dict), saved in and restored from resumable checkpoints
+
 
 @dataclass
 class Batches:
@@ -144,7 +147,7 @@ class Trainer:
         checkpoints = list_checkpoints(self.run_dir)
         if not checkpoints:
             return False
-        self.state = load_checkpoint(checkpoints[-1], self.model, self.optimizer, self.scheduler)
+        self.state = load_checkpoint(checkpoints[-1], self.model, self.optimizer, self.scheduler, self.task)
         self.best_metrics = self.state.best_metrics
         return True
 
@@ -312,5 +315,6 @@ class Trainer:
 
     def _save(self) -> None:
         directory = self.run_dir / f"checkpoint-{self.state.global_step}"
-        save_checkpoint(directory, self.model, self.optimizer, self.scheduler, self.state)
+        task_state = self.task.state_dict() if hasattr(self.task, "state_dict") else None
+        save_checkpoint(directory, self.model, self.optimizer, self.scheduler, self.state, task_state=task_state)
         prune_checkpoints(self.run_dir, self.settings.save_total_limit)
