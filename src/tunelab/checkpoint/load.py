@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-from tunelab.checkpoint.hf import model_from_hf, read_hf_model, read_json, write_hf_model
+from tunelab.checkpoint.hf import model_from_hf, read_hf_config, read_hf_model, read_json, write_hf_model
+from tunelab.checkpoint.native import is_native_config, is_native_model, read_native_model, write_native_model
 from tunelab.checkpoint.registry import REGISTRY, resolve_registered
 from tunelab.errors import CheckpointError
 from tunelab.models.base import Model
@@ -63,9 +64,19 @@ def load(source: str | Path, *, dtype: str | torch.dtype | None = None) -> tuple
         checkpoint = read_gguf(path)
         model = model_from_hf(checkpoint.hf_config, checkpoint.state_dict, str(path), dtype=torch_dtype)
         return model, checkpoint.tokenizer()
-    model = read_hf_model(path, dtype=torch_dtype)
+    if is_native_config(read_hf_config(path)):
+        model = read_native_model(path, dtype=torch_dtype)
+    else:
+        model = read_hf_model(path, dtype=torch_dtype)
     _apply_generation_config(model, path)
-    return model, Tokenizer.from_dir(path)
+    return model, _directory_tokenizer(path)
+
+
+def _directory_tokenizer(path: Path):
+    """The tokenizer of a model directory (with separate source and target vocabularies: a TokenizerPair)."""
+    from tunelab.tokenizer.pair import TokenizerPair
+
+    return TokenizerPair.from_dir(path)
 
 
 def _apply_generation_config(model: Model, directory: Path) -> None:
@@ -78,9 +89,13 @@ def _apply_generation_config(model: Model, directory: Path) -> None:
 
 
 def save_pretrained(model: Model, tokenizer: Tokenizer | None, directory: str | Path, *, dtype=None) -> Path:
-    """An HF directory (config.json, model.safetensors, tokenizer files) that transformers loads."""
+    """An HF directory (config.json, model.safetensors, tokenizer files) that transformers loads; for a family
+    with no HF architecture (seq2seq), the same files in tunelab's own layout (checkpoint/native.py)."""
     directory = Path(directory)
-    write_hf_model(model, directory, dtype=parse_dtype(dtype))
+    if is_native_model(model):
+        write_native_model(model, directory, dtype=parse_dtype(dtype))
+    else:
+        write_hf_model(model, directory, dtype=parse_dtype(dtype))
     if tokenizer is not None:
         tokenizer.save(directory)
     eos = model.config.eos_token_id
@@ -88,6 +103,8 @@ def save_pretrained(model: Model, tokenizer: Tokenizer | None, directory: str | 
         generation = {"eos_token_id": eos, "bos_token_id": model.config.bos_token_id}
         if model.config.pad_token_id is not None:
             generation["pad_token_id"] = model.config.pad_token_id
+        if model.is_encoder_decoder:
+            generation["decoder_start_token_id"] = model.config.start_token_id
         (directory / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     return directory
 
@@ -104,4 +121,4 @@ def load_tokenizer(source: str | Path) -> Tokenizer:
         from tunelab.tokenizer.gguf import tokenizer_from_gguf_metadata
 
         return tokenizer_from_gguf_metadata(read_gguf_metadata(path), source=str(path))
-    return Tokenizer.from_dir(path)
+    return _directory_tokenizer(path)

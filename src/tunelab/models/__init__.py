@@ -4,6 +4,7 @@ from tunelab.models.base import Model, ModelConfig, ModelOutput
 from tunelab.models.bert import BertConfig, BertModel
 from tunelab.models.gpt2 import GPT2Config, GPT2Model
 from tunelab.models.llama import LlamaConfig, LlamaModel
+from tunelab.models.seq2seq import Seq2SeqConfig, Seq2SeqTransformer
 from tunelab.models.registry import FAMILIES, build_model, config_from_dict, make_head
 
 __all__ = [
@@ -17,6 +18,8 @@ __all__ = [
     "Model",
     "ModelConfig",
     "ModelOutput",
+    "Seq2SeqConfig",
+    "Seq2SeqTransformer",
     "build_model",
     "config_from_dict",
     "make_head",

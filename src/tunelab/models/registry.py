@@ -11,11 +11,13 @@ from tunelab.models.base import Model, ModelConfig
 from tunelab.models.bert import BertConfig, BertModel
 from tunelab.models.gpt2 import GPT2Config, GPT2Model
 from tunelab.models.llama import LlamaConfig, LlamaModel
+from tunelab.models.seq2seq import Seq2SeqConfig, Seq2SeqTransformer
 
 FAMILIES: dict[str, tuple[type[ModelConfig], type[nn.Module]]] = {
     "bert": (BertConfig, BertModel),
     "gpt2": (GPT2Config, GPT2Model),
     "llama": (LlamaConfig, LlamaModel),
+    "seq2seq": (Seq2SeqConfig, Seq2SeqTransformer),
 }
 
 HEAD_NAMES = ("lm", "mlm", "nsp", "classifier", "tagger", "qa")
@@ -64,8 +66,8 @@ def make_head(config: ModelConfig, name: str, num_labels: int | None = None) -> 
     dim, mt = config.hidden_size, config.model_type
     labels = num_labels if num_labels is not None else len(config.labels)
     dropout = getattr(config, "hidden_dropout", getattr(config, "dropout", 0.0))
-    if name == "lm":
-        return H.LMHead(dim, config.vocab_size)
+    if name == "lm":  # an encoder-decoder predicts its target vocabulary
+        return H.LMHead(dim, getattr(config, "output_vocab_size", config.vocab_size))
     if name == "mlm":
         eps = getattr(config, "layer_norm_eps", 1e-12)
         return H.MaskedLMHead(dim, config.vocab_size, getattr(config, "hidden_act", "gelu"), eps)
@@ -95,6 +97,8 @@ def build_model(config: ModelConfig, heads: Iterable[str] = (), num_labels: int 
     backbone = FAMILIES[config.family][1](config)
     model = Model(config, backbone, {name: make_head(config, name, num_labels) for name in heads})
     model.apply(init_weights)
+    if hasattr(backbone, "initialize"):  # a family whose paper initialises otherwise (seq2seq)
+        backbone.initialize()
     model.tie_weights()
     return model
 
