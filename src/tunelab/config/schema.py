@@ -10,8 +10,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-TaskType = Literal["classification", "tagging", "qa", "causal_lm", "chat"]
-DataFormat = Literal["auto", "jsonl", "json", "csv", "tsv", "parquet", "txt", "conll", "squad", "alpaca", "sharegpt", "messages"]
+TaskType = Literal["classification", "tagging", "qa", "causal_lm", "chat", "seq2seq"]
+DataFormat = Literal["auto", "jsonl", "json", "csv", "tsv", "parquet", "txt", "conll", "squad", "alpaca", "sharegpt",
+                     "messages", "parallel"]
+GenerationMetric = Literal["bleu", "chrf", "rouge"]
 
 
 class Section(BaseModel):
@@ -29,6 +31,14 @@ class ModelSection(Section):
     tokenizer: str | None = Field(
         None, description="tokenizer directory or tokenizer.json (needed with architecture; default: the source's own)"
     )
+    target_tokenizer: str | None = Field(
+        None, description="seq2seq from scratch: the target language's tokenizer (separate vocabularies; "
+        "default: model.tokenizer for both sides)",
+    )
+    warm_start: Literal["bert2bert"] | None = Field(
+        None, description="seq2seq: build an encoder-decoder whose encoder and decoder start from the BERT "
+        "model of model.source (Rothe et al. 2020)",
+    )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="dtype the weights are held in (master weights; autocast is train.precision)"
     )
@@ -42,6 +52,11 @@ class ModelSection(Section):
                 raise ValueError("model.architecture needs model.tokenizer (train one with `tunelab tokenizer train`)")
             if "family" not in self.architecture:
                 raise ValueError("model.architecture needs a family (bert, gpt2, llama, ...)")
+        if self.target_tokenizer is not None and (self.architecture or {}).get("family") != "seq2seq":
+            raise ValueError("model.target_tokenizer (separate vocabularies) applies to an encoder-decoder built "
+                             "from scratch: model.architecture with family seq2seq")
+        if self.warm_start is not None and self.source is None:
+            raise ValueError("model.warm_start: bert2bert starts from a BERT model: give it as model.source")
         return self
 
     @property
@@ -50,7 +65,18 @@ class ModelSection(Section):
         if self.source is not None:
             return self.source
         arch = self.architecture or {}
+        if arch.get("family") == "seq2seq":
+            layers = f"{arch.get('num_layers', '?')}+{arch.get('num_decoder_layers') or arch.get('num_layers', '?')}"
+            return f"seq2seq from scratch ({layers} layers, {arch.get('hidden_size', '?')} wide)"
         return f"{arch.get('family')} from scratch ({arch.get('num_layers', '?')} layers, {arch.get('hidden_size', '?')} wide)"
+
+
+class GenerationSection(Section):
+    """Decoding for evaluation and prediction of seq2seq and chat models (beam search)."""
+
+    beam_size: int = Field(4, ge=1, description="beams per input (1: greedy)")
+    length_penalty: float = Field(0.6, ge=0.0, description="GNMT's alpha: score = log P / ((5 + |Y|) / 6)^alpha")
+    max_new_tokens: int = Field(128, ge=1)
 
 
 class TaskSection(Section):
@@ -59,6 +85,20 @@ class TaskSection(Section):
     label_all_subwords: bool = Field(False, description="tagging: label every sub-word, not only the first")
     max_answer_length: int = Field(30, ge=1, description="qa: longest answer span in tokens")
     train_on: Literal["assistant", "all"] = Field("assistant", description="chat: which tokens carry the loss")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="seq2seq: label smoothing of the training loss "
+                                   "(0.1 in Vaswani et al. 2017)")
+    metrics: list[GenerationMetric] = Field(
+        default_factory=list, description="seq2seq and chat: decode the validation inputs and score them with "
+        "sacreBLEU's BLEU / chrF (0-100) or ROUGE-1/2/L (0-1), besides the loss",
+    )
+    generation: GenerationSection = Field(default_factory=GenerationSection)
+
+    @model_validator(mode="after")
+    def _metrics_for_generation(self) -> "TaskSection":
+        if self.metrics and self.type not in ("seq2seq", "chat"):
+            raise ValueError(f"task.metrics ({', '.join(self.metrics)}) score generated text: they apply to the "
+                             f"seq2seq and chat tasks, not {self.type}")
+        return self
 
 
 class DataSection(Section):
@@ -78,6 +118,15 @@ class DataSection(Section):
     context_tokens: int = Field(0, ge=0, description="tagging: sub-words of the neighbouring sentences on each side "
                                 "that the model sees as document context (FLERT); 0: the sentence alone")
     packing: bool = Field(True, description="causal_lm/chat: pack documents into full rows, attention kept within each")
+    source_field: str = Field("source", description="seq2seq, chat from pairs: the field of the input text")
+    target_field: str = Field("target", description="seq2seq, chat from pairs: the field of the output text")
+    max_target_length: int | None = Field(None, ge=2, description="seq2seq: longest target in tokens "
+                                          "(default: max_length)")
+    instruction: str | None = Field(
+        None, description="chat from pairs: the data are source/target pairs (parallel files or source_field / "
+        "target_field records); each becomes a user turn 'instruction, blank line, source' and the target as the "
+        "answer, e.g. 'Translate English to German:'",
+    )
     max_train_examples: int | None = Field(None, ge=1)
     max_validation_examples: int | None = Field(None, ge=1)
 
@@ -156,4 +205,25 @@ class TrainConfig(Section):
     def _consistent(self) -> "TrainConfig":
         if self.method.type == "qlora" and self.model.dtype == "float16":
             raise ValueError("qlora keeps non-quantised weights in float32 or bfloat16")
+        task, data = self.task.type, self.data
+        family = (self.model.architecture or {}).get("family")
+        if task == "seq2seq" and family is not None and family != "seq2seq":
+            raise ValueError(f"task seq2seq needs an encoder-decoder: model.architecture.family seq2seq, not {family}")
+        if self.model.warm_start is not None and task != "seq2seq":
+            raise ValueError("model.warm_start: bert2bert builds an encoder-decoder for task.type seq2seq")
+        if data.instruction is not None and task != "chat":
+            raise ValueError("data.instruction turns source/target pairs into chat turns: it applies to task chat "
+                             "(a seq2seq model reads the source as it is)")
+        if data.format == "parallel" and task not in ("seq2seq", "chat"):
+            raise ValueError(f"data.format parallel (line-aligned source and target files) is for the seq2seq "
+                             f"task, or chat with data.instruction; not {task}")
+        if data.format == "parallel" and task == "chat" and data.instruction is None:
+            raise ValueError("chat from parallel files needs data.instruction (the user turn's instruction)")
+        if data.format == "parallel":
+            for key in ("train", "validation"):
+                value = getattr(data, key)
+                files = [value] if isinstance(value, str) else value
+                if value is not None and len(files) not in (1, 2):
+                    raise ValueError(f"data.{key}: format parallel reads two line-aligned files, given as "
+                                     f"[source file, target file] (to predict: the source file alone)")
         return self

@@ -269,3 +269,20 @@ def beam_search_texts(model: Model, tokenizer, inputs: list[list[int]], settings
         for i, hypothesis in zip(chunk, best):
             outputs[i] = tokenizer.decode(hypothesis.token_ids, skip_special_tokens=True)
     return outputs
+
+
+def seq2seq_generate(model: Model, tokenizer, texts: list[str], settings: BeamSettings | None = None, *,
+                     batch_size: int = 32) -> list[str]:
+    """Translate or summarize: each source text through an encoder-decoder, decoded with beam search.
+
+    >>> model, tokenizer = tunelab.load("runs/multi30k-transformer/model")
+    >>> seq2seq_generate(model, tokenizer, ["A dog runs on the beach."], BeamSettings(beam_size=4))
+    """
+    from tunelab.tokenizer.pair import source_tokenizer, target_tokenizer
+
+    if not model.is_encoder_decoder:
+        raise TypeError(f"this {model.family} model is not an encoder-decoder; use generate() or beam_search()")
+    encoded = [source_tokenizer(tokenizer).encode(text) for text in texts]
+    outputs = beam_search_texts(model, target_tokenizer(tokenizer), encoded, settings or BeamSettings(),
+                                batch_size=batch_size)
+    return [text.strip() for text in outputs]
