@@ -41,6 +41,8 @@ bench: venv
 	$(PY) benchmarks/finetune_vs_hf.py conll
 	$(PY) benchmarks/task_figures.py xquad
 	$(PY) benchmarks/task_figures.py alpaca
+	$(PY) benchmarks/task_figures.py multi30k
+	$(PY) benchmarks/task_figures.py dialogsum
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info

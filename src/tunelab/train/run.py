@@ -284,9 +284,9 @@ def bert2bert(bert, tokenizer, config: TrainConfig):
     from tunelab.models.seq2seq import Seq2SeqConfig, warm_start_from_bert
 
     c = bert.config
-    if c.family != "bert" or c.model_type not in ("bert", "roberta"):
-        raise ConfigError(f"model.warm_start: bert2bert needs a BERT or RoBERTa model as model.source; "
-                          f"{config.model.source} is {c.model_type}")
+    if c.model_type != "bert" or getattr(c, "position_style", "") != "absolute":
+        raise ConfigError(f"model.warm_start: bert2bert needs a BERT-architecture model (BERT, MiniLM) as "
+                          f"model.source; {config.model.source} is {c.model_type}")
     ids = _special_ids(tokenizer)
     s2s = Seq2SeqConfig(
         vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_layers=c.num_layers, num_heads=c.num_heads,
@@ -295,9 +295,6 @@ def bert2bert(bert, tokenizer, config: TrainConfig):
         layer_norm_eps=c.layer_norm_eps, type_vocab_size=c.type_vocab_size, embeddings="bert",
         pad_token_id=ids["pad_token_id"], bos_token_id=ids["bos_token_id"], eos_token_id=ids["eos_token_id"],
     )
-    if c.position_style != "absolute":
-        raise ConfigError(f"model.warm_start: bert2bert supports BERT's absolute positions; {c.model_type} counts "
-                          f"positions from the padding id")
     model = build_model(s2s)
     warm_start_from_bert(model, bert)
     return model.to(next(bert.parameters()).dtype)
