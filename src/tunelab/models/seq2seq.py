@@ -32,7 +32,7 @@ from torch import nn
 
 from tunelab.models.base import ModelConfig
 from tunelab.models.bert import BertConfig, BertEmbeddings, BertLayer
-from tunelab.nn.attention import Attention, build_attention_mask, short_sequence_attention
+from tunelab.nn.attention import Attention, build_attention_mask
 from tunelab.nn.kv_cache import KVCache
 from tunelab.nn.mlp import MLP
 from tunelab.nn.positions import sinusoidal_positions
@@ -305,11 +305,8 @@ class Seq2SeqTransformer(nn.Module):
             raise TypeError("an encoder-decoder needs decoder_input_ids (the target shifted right)")
         if position_ids is not None or document_ids is not None:
             raise TypeError("the encoder-decoder computes its own positions; packed rows are not supported")
-        longest = max(input_ids.shape[1], decoder_input_ids.shape[1])
-        with short_sequence_attention(input_ids.device, longest):
-            encoded = self.encode(input_ids, attention_mask, token_type_ids=token_type_ids)
-            hidden = self.decode(decoder_input_ids, encoded, decoder_attention_mask=decoder_attention_mask, cache=cache)
-        return hidden, None
+        encoded = self.encode(input_ids, attention_mask, token_type_ids=token_type_ids)
+        return self.decode(decoder_input_ids, encoded, decoder_attention_mask=decoder_attention_mask, cache=cache), None
 
     def new_cache(self, batch_size: int, max_len: int, *, dtype: torch.dtype, device) -> KVCache:
         """An empty self-attention cache of the decoder layers."""
