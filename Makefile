@@ -42,7 +42,10 @@ bench: venv
 	$(PY) benchmarks/task_figures.py xquad
 	$(PY) benchmarks/task_figures.py alpaca
 	$(PY) benchmarks/task_figures.py shakespeare
+	$(PY) benchmarks/task_figures.py bert-mlm
 	$(PY) benchmarks/recurrent_lm.py all
+	$(PY) benchmarks/task_figures.py multi30k
+	$(PY) benchmarks/task_figures.py dialogsum
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info

@@ -1,13 +1,17 @@
 """tunelab's own figures where there is no HF side to run: extractive QA on XQuAD (held-out articles),
 SmolLM2-135M-Instruct LoRA SFT on the alpaca sample (validation loss and perplexity before / after), a
-character-level GPT pretrained from scratch on tinyshakespeare (validation loss in nats per character), and
+character-level GPT pretrained from scratch on tinyshakespeare (validation loss in nats per character),
 BERT pretraining on WikiText-2 (MLM and NSP accuracy, masked-token perplexity), then fine-tuning the result
-on rotten tomatoes against the same architecture from random initialisation.
+on rotten tomatoes against the same architecture from random initialisation, English-German translation on
+Multi30k with the Transformer from scratch (sacreBLEU BLEU / chrF on val, and the time of beam search over
+the 1,014 sentences), and DialogSum summarization by SmolLM2 with LoRA (ROUGE-1/2/L before / after).
 
     python benchmarks/task_figures.py xquad
     python benchmarks/task_figures.py alpaca
     python benchmarks/task_figures.py shakespeare
     python benchmarks/task_figures.py bert-mlm
+    python benchmarks/task_figures.py multi30k      # trains the BPE tokenizer first if it is missing
+    python benchmarks/task_figures.py dialogsum
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 JOBS = {"xquad": "configs/xquad-minilm.yaml", "alpaca": "configs/alpaca-smollm2-lora.yaml",
-        "shakespeare": "configs/tinyshakespeare-gpt.yaml", "bert-mlm": "configs/wikitext2-bert-mlm.yaml"}
+        "shakespeare": "configs/tinyshakespeare-gpt.yaml", "bert-mlm": "configs/wikitext2-bert-mlm.yaml",
+        "multi30k": "configs/multi30k-transformer.yaml", "dialogsum": "configs/dialogsum-smollm2-lora.yaml"}
+MULTI30K_TOKENIZER = "runs/tokenizers/multi30k-bpe8k"
 FINE_TUNE = "configs/rotten-tomatoes-bert-mlm.yaml"
 SMALL_BERT = ("{family: bert, hidden_size: 256, num_layers: 4, num_heads: 4, intermediate_size: 1024, "
               "max_position_embeddings: 128, hidden_dropout: 0.0, attention_dropout: 0.0}")  # as wikitext2-bert-mlm.yaml
@@ -77,8 +83,12 @@ def main() -> None:
         with open(RESULTS / "tasks.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         return
+    if args.job == "multi30k" and not (ROOT / MULTI30K_TOKENIZER / "tokenizer.json").exists():
+        data = "../shared/data/multi30k_en_de"
+        subprocess.run([sys.executable, "examples/seq2seq_tokenizer.py", "--out", MULTI30K_TOKENIZER, "--vocab-size",
+                        "8000", f"{data}/train.en", f"{data}/train.de"], cwd=ROOT, check=True)
     cmd = [sys.executable, "-m", "tunelab", "train", JOBS[args.job], f"output_dir={out}", *args.overrides, "--no-progress"]
-    if args.job == "alpaca":
+    if args.job in ("alpaca", "dialogsum"):
         cmd.append("train.eval_at_start=true")
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
@@ -99,6 +109,24 @@ def main() -> None:
               f"(perplexity {final['perplexity']:.3f}) after {final['step']} steps, {minutes:.1f} min in all, "
               f"{speeds[len(speeds) // 2]:.0f} tokens/s (median of the logging windows)")
         print(f"last sample (step {samples[-1]['step']}):\n{samples[-1]['prompt']}{samples[-1]['text']}")
+    elif args.job == "multi30k":
+        # the final model once more, timed: teacher-forced loss plus beam search over all of val
+        start = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "tunelab", "eval", str(out), "--json"], cwd=ROOT,
+                              capture_output=True, text=True)
+        decode_minutes = (time.perf_counter() - start) / 60
+        if proc.returncode != 0:
+            raise SystemExit(proc.stderr[-3000:])
+        again = json.loads(proc.stdout)
+        record["eval_minutes"], record["eval"] = decode_minutes, again
+        print(f"Multi30k en-de val (1,014 sentences): BLEU {final['bleu']:.2f}, chrF {final['chrf']:.2f}, "
+              f"loss {final['loss']:.4f} ({minutes:.1f} min, final evaluation included; `tunelab eval` alone: "
+              f"{decode_minutes:.1f} min, BLEU {again['bleu']:.2f})")
+    elif args.job == "dialogsum":
+        before = validation[0]
+        print(f"SmolLM2-135M-Instruct LoRA on DialogSum (450 train / 50 validation dialogues): "
+              + ", ".join(f"{k} {before[k]:.4f} -> {final[k]:.4f}" for k in ("rouge1", "rouge2", "rougeL", "loss"))
+              + f" ({minutes:.1f} min)")
     elif args.job == "xquad":
         print(f"XQuAD-en, held-out articles: exact match {final['exact_match']:.4f}, F1 {final['f1']:.4f} "
               f"({minutes:.1f} min)")

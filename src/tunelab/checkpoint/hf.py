@@ -170,11 +170,8 @@ def read_hf_model(directory: str | Path, *, dtype: torch.dtype | None = None) ->
 def _native_model(hf_config: dict, directory: Path, dtype: torch.dtype | None) -> Model:
     """A model of a family without an HF architecture (checkpoint/native.py): weights under our own names."""
     config, heads = native_config_from_json(hf_config, str(directory / "config.json"))
-    with torch.device("meta"):
-        model = build_model(config, heads)
-    tensors = read_hf_weights(directory)
-    model = model.to_empty(device="cpu")
-    load_state(model, tensors, str(directory))
+    model = build_model(config, heads)  # not on meta: buffers (seq2seq's sinusoid table) are computed, not stored
+    load_state(model, read_hf_weights(directory), str(directory))
     if dtype is not None:
         model = model.to(dtype)
     return model.eval()

@@ -63,9 +63,16 @@ def load(source: str | Path, *, dtype: str | torch.dtype | None = None) -> tuple
         checkpoint = read_gguf(path)
         model = model_from_hf(checkpoint.hf_config, checkpoint.state_dict, str(path), dtype=torch_dtype)
         return model, checkpoint.tokenizer()
-    model = read_hf_model(path, dtype=torch_dtype)
+    model = read_hf_model(path, dtype=torch_dtype)  # our own families too (checkpoint/native.py)
     _apply_generation_config(model, path)
-    return model, Tokenizer.from_dir(path)
+    return model, _directory_tokenizer(path)
+
+
+def _directory_tokenizer(path: Path):
+    """The tokenizer of a model directory (with separate source and target vocabularies: a TokenizerPair)."""
+    from tunelab.tokenizer.pair import TokenizerPair
+
+    return TokenizerPair.from_dir(path)
 
 
 def _apply_generation_config(model: Model, directory: Path) -> None:
@@ -78,7 +85,8 @@ def _apply_generation_config(model: Model, directory: Path) -> None:
 
 
 def save_pretrained(model: Model, tokenizer: Tokenizer | None, directory: str | Path, *, dtype=None) -> Path:
-    """An HF directory (config.json, model.safetensors, tokenizer files) that transformers loads."""
+    """An HF directory (config.json, model.safetensors, tokenizer files) that transformers loads; for a family
+    with no HF architecture (rnn, seq2seq), the same files in tunelab's own layout (checkpoint/native.py)."""
     directory = Path(directory)
     write_hf_model(model, directory, dtype=parse_dtype(dtype))
     if tokenizer is not None:
@@ -88,6 +96,8 @@ def save_pretrained(model: Model, tokenizer: Tokenizer | None, directory: str | 
         generation = {"eos_token_id": eos, "bos_token_id": model.config.bos_token_id}
         if model.config.pad_token_id is not None:
             generation["pad_token_id"] = model.config.pad_token_id
+        if model.is_encoder_decoder:
+            generation["decoder_start_token_id"] = model.config.start_token_id
         (directory / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     return directory
 
@@ -104,4 +114,4 @@ def load_tokenizer(source: str | Path) -> Tokenizer:
         from tunelab.tokenizer.gguf import tokenizer_from_gguf_metadata
 
         return tokenizer_from_gguf_metadata(read_gguf_metadata(path), source=str(path))
-    return Tokenizer.from_dir(path)
+    return _directory_tokenizer(path)

@@ -1,4 +1,5 @@
-"""Model families that have no Hugging Face architecture (the recurrent LMs), saved in HF's directory layout.
+"""Model families that have no Hugging Face architecture (the recurrent LMs of rnn.py, the encoder-decoder
+Transformer of seq2seq.py), saved in HF's directory layout.
 
 The directory looks like any HF model directory (config.json, model.safetensors, tokenizer files), so that
 `tunelab.load`, `save_pretrained`, `tunelab eval` and run directories treat it the same way; config.json
@@ -7,20 +8,23 @@ names our own model type and holds our config's fields:
     {"model_type": "tunelab-rnn", "tunelab_format": 1, "family": "rnn", "heads": ["lm"],
      "cell": "lstm", "vocab_size": 13778, "hidden_size": 650, "num_layers": 2, ..., "torch_dtype": "float32"}
 
-Weights keep our own module names (backbone.layers.0.weight_ih_l0, heads.lm.proj.weight, ...); an output
-layer tied to the embeddings is stored once, as the embeddings. transformers cannot load these directories.
+Weights keep our own module names (backbone.layers.0.weight_ih_l0, heads.lm.proj.weight, ...); a tensor
+shared by several modules (tied embeddings) is stored once, under its first name. transformers cannot load
+these directories; tunelab.load checks every weight's name and shape.
 """
 
 from __future__ import annotations
 
 from dataclasses import fields
 
+import torch
+
 from tunelab.errors import CheckpointError
 from tunelab.models.base import Model, ModelConfig
 from tunelab.models.registry import FAMILIES, HEAD_NAMES
 
 # config.json model_type -> our family
-NATIVE_MODEL_TYPES = {"tunelab-rnn": "rnn"}
+NATIVE_MODEL_TYPES = {"tunelab-rnn": "rnn", "tunelab-seq2seq": "seq2seq"}
 FORMAT_VERSION = 1
 # config.json keys that are not fields of the family's config
 _FRAME_KEYS = {"tunelab_format", "family", "heads", "torch_dtype", "architectures"}
@@ -72,9 +76,13 @@ def native_config_to_json(model: Model) -> dict:
     return {**data, "tunelab_format": FORMAT_VERSION, "heads": sorted(model.heads.keys())}
 
 
-def native_state(model: Model) -> dict:
-    """The weights to write: our names, a tied output layer left out (it is the embedding matrix)."""
-    state = dict(model.state_dict())
-    if getattr(model.config, "tie_embeddings", False):
-        state.pop("heads.lm.proj.weight", None)
-    return state
+def native_state(model: Model) -> dict[str, torch.Tensor]:
+    """The weights to write under our names, each shared tensor (tied embeddings) once, under its first name."""
+    seen: set[tuple[int, tuple, tuple]] = set()
+    out = {}
+    for name, tensor in model.state_dict().items():
+        key = (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()))
+        if key not in seen:
+            seen.add(key)
+            out[name] = tensor
+    return out

@@ -10,8 +10,10 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("eval", help="evaluate a run or model", description=__doc__)
     p.add_argument("source", metavar="RUN_OR_MODEL", help="a run directory, HF directory, GGUF file or registered name")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="data options, e.g. data.text_field=sentence")
-    p.add_argument("--data", help="data file to evaluate on (default: the run's validation split)")
-    p.add_argument("--task", choices=["classification", "tagging", "qa", "causal_lm", "chat", "recurrent_lm"],
+    p.add_argument("--data", action="append", metavar="FILE",
+                   help="data file to evaluate on (default: the run's validation split); parallel text: "
+                   "--data SOURCE --data TARGET")
+    p.add_argument("--task", choices=["classification", "tagging", "qa", "causal_lm", "chat", "recurrent_lm", "seq2seq"],
                    help="task of a bare model (default: from its head)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--json", action="store_true", help="print one JSON object")

@@ -10,8 +10,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-TaskType = Literal["classification", "tagging", "qa", "causal_lm", "chat", "masked_lm", "recurrent_lm"]
-DataFormat = Literal["auto", "jsonl", "json", "csv", "tsv", "parquet", "txt", "conll", "squad", "alpaca", "sharegpt", "messages"]
+TaskType = Literal["classification", "tagging", "qa", "causal_lm", "chat", "masked_lm", "recurrent_lm", "seq2seq"]
+DataFormat = Literal["auto", "jsonl", "json", "csv", "tsv", "parquet", "txt", "conll", "squad", "alpaca", "sharegpt",
+                     "messages", "parallel"]
+GenerationMetric = Literal["bleu", "chrf", "rouge"]
 
 
 class Section(BaseModel):
@@ -45,6 +47,14 @@ class ModelSection(Section):
         None, description="with architecture, instead of tokenizer: train one on data.train first, e.g. {type: char}; "
         "kept in output_dir/tokenizer/ and saved with the model",
     )
+    target_tokenizer: str | None = Field(
+        None, description="seq2seq from scratch: the target language's tokenizer (separate vocabularies; "
+        "default: model.tokenizer for both sides)",
+    )
+    warm_start: Literal["bert2bert"] | None = Field(
+        None, description="seq2seq: build an encoder-decoder whose encoder and decoder start from the BERT "
+        "model of model.source (Rothe et al. 2020)",
+    )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="dtype the weights are held in (master weights; autocast is train.precision)"
     )
@@ -64,6 +74,11 @@ class ModelSection(Section):
                                  "train`, or any model's) or model.train_tokenizer (e.g. {type: char})")
             if "family" not in self.architecture:
                 raise ValueError("model.architecture needs a family (bert, gpt2, llama, ...)")
+        if self.target_tokenizer is not None and (self.architecture or {}).get("family") != "seq2seq":
+            raise ValueError("model.target_tokenizer (separate vocabularies) applies to an encoder-decoder built "
+                             "from scratch: model.architecture with family seq2seq")
+        if self.warm_start is not None and self.source is None:
+            raise ValueError("model.warm_start: bert2bert starts from a BERT model: give it as model.source")
         return self
 
     @property
@@ -72,7 +87,18 @@ class ModelSection(Section):
         if self.source is not None:
             return self.source
         arch = self.architecture or {}
+        if arch.get("family") == "seq2seq":
+            layers = f"{arch.get('num_layers', '?')}+{arch.get('num_decoder_layers') or arch.get('num_layers', '?')}"
+            return f"seq2seq from scratch ({layers} layers, {arch.get('hidden_size', '?')} wide)"
         return f"{arch.get('family')} from scratch ({arch.get('num_layers', '?')} layers, {arch.get('hidden_size', '?')} wide)"
+
+
+class GenerationSection(Section):
+    """Decoding for evaluation and prediction of seq2seq and chat models (beam search)."""
+
+    beam_size: int = Field(4, ge=1, description="beams per input (1: greedy)")
+    length_penalty: float = Field(0.6, ge=0.0, description="GNMT's alpha: score = log P / ((5 + |Y|) / 6)^alpha")
+    max_new_tokens: int = Field(128, ge=1)
 
 
 class TaskSection(Section):
@@ -94,11 +120,26 @@ class TaskSection(Section):
     dupe_factor: int = Field(1, ge=1, description="masked_lm: times the documents are cut into examples, each time "
                              "with other boundaries and other random next segments")
 
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="seq2seq: label smoothing of the training loss "
+                                   "(0.1 in Vaswani et al. 2017)")
+    metrics: list[GenerationMetric] = Field(
+        default_factory=list, description="seq2seq and chat: decode the validation inputs and score them with "
+        "sacreBLEU's BLEU / chrF (0-100) or ROUGE-1/2/L (0-1), besides the loss",
+    )
+    generation: GenerationSection = Field(default_factory=GenerationSection)
+
     @model_validator(mode="after")
     def _mask_split(self) -> "TaskSection":
         if self.mask_token_fraction + self.random_token_fraction > 1.0 + 1e-9:
             raise ValueError(f"task.mask_token_fraction + task.random_token_fraction must be at most 1 "
                              f"(got {self.mask_token_fraction} + {self.random_token_fraction})")
+        return self
+
+    @model_validator(mode="after")
+    def _metrics_for_generation(self) -> "TaskSection":
+        if self.metrics and self.type not in ("seq2seq", "chat"):
+            raise ValueError(f"task.metrics ({', '.join(self.metrics)}) score generated text: they apply to the "
+                             f"seq2seq and chat tasks, not {self.type}")
         return self
 
 
@@ -126,6 +167,15 @@ class DataSection(Section):
         "line, or a WikiText article (from one ' = Title = ' line to the next); auto: file for causal_lm, "
         "paragraph for masked_lm")
     bptt: int = Field(35, ge=1, description="recurrent_lm: tokens per chunk of truncated back-propagation through time")
+    source_field: str = Field("source", description="seq2seq, chat from pairs: the field of the input text")
+    target_field: str = Field("target", description="seq2seq, chat from pairs: the field of the output text")
+    max_target_length: int | None = Field(None, ge=2, description="seq2seq: longest target in tokens "
+                                          "(default: max_length)")
+    instruction: str | None = Field(
+        None, description="chat from pairs: the data are source/target pairs (parallel files or source_field / "
+        "target_field records); each becomes a user turn 'instruction, blank line, source' and the target as the "
+        "answer, e.g. 'Translate English to German:'",
+    )
     max_train_examples: int | None = Field(None, ge=1)
     max_validation_examples: int | None = Field(None, ge=1)
 
@@ -217,7 +267,28 @@ class TrainConfig(Section):
     def _consistent(self) -> "TrainConfig":
         if self.method.type == "qlora" and self.model.dtype == "float16":
             raise ValueError("qlora keeps non-quantised weights in float32 or bfloat16")
-        if self.train.sample_prompts and self.task.type not in ("causal_lm", "chat"):
+        task, data = self.task.type, self.data
+        if self.train.sample_prompts and task not in ("causal_lm", "chat"):
             raise ValueError(f"train.sample_prompts: samples are generated text, for causal_lm and chat tasks, "
-                             f"not {self.task.type}")
+                             f"not {task}")
+        family = (self.model.architecture or {}).get("family")
+        if task == "seq2seq" and family is not None and family != "seq2seq":
+            raise ValueError(f"task seq2seq needs an encoder-decoder: model.architecture.family seq2seq, not {family}")
+        if self.model.warm_start is not None and task != "seq2seq":
+            raise ValueError("model.warm_start: bert2bert builds an encoder-decoder for task.type seq2seq")
+        if data.instruction is not None and task != "chat":
+            raise ValueError("data.instruction turns source/target pairs into chat turns: it applies to task chat "
+                             "(a seq2seq model reads the source as it is)")
+        if data.format == "parallel" and task not in ("seq2seq", "chat"):
+            raise ValueError(f"data.format parallel (line-aligned source and target files) is for the seq2seq "
+                             f"task, or chat with data.instruction; not {task}")
+        if data.format == "parallel" and task == "chat" and data.instruction is None:
+            raise ValueError("chat from parallel files needs data.instruction (the user turn's instruction)")
+        if data.format == "parallel":
+            for key in ("train", "validation"):
+                value = getattr(data, key)
+                files = [value] if isinstance(value, str) else value
+                if value is not None and len(files) not in (1, 2):
+                    raise ValueError(f"data.{key}: format parallel reads two line-aligned files, given as "
+                                     f"[source file, target file] (to predict: the source file alone)")
         return self

@@ -13,17 +13,23 @@ from tunelab.errors import ConfigError, TunelabError
 
 TASK_OF_HEAD = {"classifier": "classification", "tagger": "tagging", "qa": "qa", "lm": "causal_lm", "mlm": "masked_lm"}
 
+DataFiles = str | list[str] | None  # one file, or several (two line-aligned files of parallel text)
 
-def _source_config(source: str, data: str | None, task: str | None, overrides: list[str]):
+
+def _source_config(source: str, data: DataFiles, task: str | None, overrides: list[str]):
     """(model, tokenizer, config) for a run directory or a bare model plus --data/--task."""
     from tunelab.train.run import is_run_dir, load_any, load_run
 
+    if isinstance(data, (list, tuple)) and len(data) == 1:
+        data = data[0]
     if is_run_dir(source):
         model, tokenizer, config = load_run(source)
         raw = config.model_dump(mode="json")
     else:
         model, tokenizer = load_any(source)
         heads = [h for h in model.heads if h in TASK_OF_HEAD]
+        if task is None and model.is_encoder_decoder:
+            task = "seq2seq"
         if task is None:
             if not heads:
                 raise TunelabError(f"{source}: the model has no task head; say which task with --task")
@@ -37,7 +43,7 @@ def _source_config(source: str, data: str | None, task: str | None, overrides: l
         if task == "masked_lm":
             raw["task"]["nsp"] = "nsp" in model.heads
     if data is not None:
-        raw["data"]["train"] = data
+        raw["data"]["train"] = list(data) if isinstance(data, (list, tuple)) else data
         raw["data"]["validation"] = None
         raw["data"]["validation_split"] = 0.0
         raw["data"]["max_train_examples"] = None
@@ -58,6 +64,18 @@ def _rows(config: TrainConfig, tokenizer, labels: list[str], use_data_file: bool
 
         documents = load_text(d.train_paths(), format=d.format, text_field=d.text_field)
         return [stream_feature(encode_stream(documents, tokenizer))], []
+    if use_data_file and config.task.type == "seq2seq":
+        from tunelab.data.seq2seq import encode_seq2seq
+        from tunelab.train.run import read_pairs
+
+        pairs = read_pairs(config, d.train_paths())
+        return encode_seq2seq(pairs, tokenizer, d.max_length, d.max_target_length or d.max_length).features, pairs
+    if use_data_file and config.task.type == "chat":
+        from tunelab.data.chat import encode_chat
+        from tunelab.train.run import read_conversations
+
+        conversations = read_conversations(config, d.train_paths())
+        return encode_chat(conversations, tokenizer, d.max_length, train_on=config.task.train_on).features, conversations
     if use_data_file and config.task.type == "qa":
         from tunelab.data.qa import encode_qa_eval, read_squad
 
@@ -86,7 +104,7 @@ def _rows(config: TrainConfig, tokenizer, labels: list[str], use_data_file: bool
     return prepared.validation.features, prepared.validation_examples
 
 
-def evaluate_source(source: str, *, data: str | None = None, task: str | None = None,
+def evaluate_source(source: str, *, data: DataFiles = None, task: str | None = None,
                     overrides: list[str] | None = None, batch_size: int | None = None) -> dict[str, Any]:
     """The task's metrics (with `loss`) of a run or model on its validation data or on `data`."""
     import torch
@@ -105,7 +123,7 @@ def evaluate_source(source: str, *, data: str | None = None, task: str | None = 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     step = make_step(config.task.type, labels=labels, examples=examples,
                      max_answer_length=config.task.max_answer_length, pad_token_id=pad, nsp=config.task.nsp,
-                     bptt=config.data.bptt)
+                     bptt=config.data.bptt, tokenizer=tokenizer, task=config.task)
     device = next(model.parameters()).device
     autocast = autocast_context(resolve_precision(config.train.precision, device), device)
     with torch.inference_mode():
@@ -124,7 +142,7 @@ def _qa_loss(step, model, config, tokenizer, examples, autocast) -> float:
     return loss / max(1, count)
 
 
-def predict_source(source: str, data: str, out: str, *, task: str | None = None,
+def predict_source(source: str, data: DataFiles, out: str, *, task: str | None = None,
                    overrides: list[str] | None = None, batch_size: int | None = None) -> int:
     """Write one JSON line of predictions per input example to `out`; returns the count."""
     from tunelab.train.tasks import make_step
@@ -133,10 +151,14 @@ def predict_source(source: str, data: str, out: str, *, task: str | None = None,
     model, tokenizer, config, _ = _source_config(source, data, task, overrides or [])
     labels = list(model.config.labels or [])
     kind = config.task.type
-    if kind in ("causal_lm", "chat", "recurrent_lm"):
+    if kind in ("causal_lm", "recurrent_lm") or (kind == "chat" and config.data.instruction is None):
         raise ConfigError(f"predict writes task predictions; for a {kind} model use `tunelab generate`")
     if kind == "masked_lm":
         raise ConfigError("predict writes task predictions; for a masked_lm model use `tunelab fill-mask`")
+    if kind in ("seq2seq", "chat"):
+        records = _generated_records(model, tokenizer, config, batch_size)
+        _write_jsonl(records, Path(out))
+        return len(records)
     # _predict_rows reads the file without labels / tags (label_field, tags_field are not optional in the schema)
     features, examples = _predict_rows(config, tokenizer, labels)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
@@ -152,13 +174,44 @@ def predict_source(source: str, data: str, out: str, *, task: str | None = None,
     else:
         records = [{"text": e.text, **({"text_pair": e.pair} if e.pair is not None else {}), **p}
                    for e, p in zip(examples, predictions)]
-    out_path = Path(out)
+    _write_jsonl(records, Path(out))
+    return len(records)
+
+
+def _write_jsonl(records: list[dict], out_path: Path) -> None:
     tmp = out_path.with_name(f".{out_path.name}.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         for record in records:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
     os.replace(tmp, out_path)
-    return len(records)
+
+
+def _generated_records(model, tokenizer, config: TrainConfig, batch_size: int | None) -> list[dict]:
+    """seq2seq, and chat from source/target pairs: {"source", "prediction"} per input (and "target" when the
+    file has one), decoded with task.generation."""
+    from tunelab.train.run import read_pairs
+    from tunelab.train.tasks import ChatGenerationStep, Seq2SeqStep, beam_settings
+    from tunelab.train.trainer import autocast_context, resolve_precision
+
+    d = config.data
+    device = next(model.parameters()).device
+    autocast = autocast_context(resolve_precision(config.train.precision, device), device)
+    batch_size = batch_size or config.train.eval_batch_size or config.train.batch_size
+    pairs = read_pairs(config, d.train_paths(), require_target=False)
+    if config.task.type == "seq2seq":
+        from tunelab.data.seq2seq import encode_seq2seq
+
+        features = encode_seq2seq(pairs, tokenizer, d.max_length, d.max_target_length or d.max_length).features
+        step = Seq2SeqStep(tokenizer, settings=beam_settings(config.task))
+        texts = step.predict(model, [{"input_ids": f["input_ids"]} for f in features], batch_size, autocast)
+    else:
+        from tunelab.data.seq2seq import pairs_to_conversations
+
+        step = ChatGenerationStep(tokenizer, settings=beam_settings(config.task))
+        conversations = pairs_to_conversations(pairs, d.instruction)
+        texts = step.answers(model, conversations, batch_size, autocast)
+    return [{"source": p.source, "prediction": t, **({"target": p.target} if p.target is not None else {})}
+            for p, t in zip(pairs, texts)]
 
 
 def _predict_rows(config: TrainConfig, tokenizer, labels):

@@ -1,6 +1,7 @@
-"""Inference: decoding for decoders (greedy, sampling, stop strings, streaming, KV cache) and the
-single-pass predictions of encoders (embeddings, fill-mask)."""
+"""Inference: decoding for decoders (greedy, sampling, stop strings, streaming, KV cache), beam search for
+encoder-decoders and decoders, and the single-pass predictions of encoders (embeddings, fill-mask)."""
 
+from tunelab.generate.beam import BeamSettings, Hypothesis, beam_search, length_penalty, seq2seq_generate
 from tunelab.generate.decode import (
     Completion,
     Generation,
@@ -15,6 +16,11 @@ from tunelab.generate.sampling import next_tokens
 from tunelab.generate.stopping import StopStringFilter
 
 __all__ = [
+    "BeamSettings",
+    "Hypothesis",
+    "beam_search",
+    "length_penalty",
+    "seq2seq_generate",
     "Classification",
     "classify",
     "Completion",

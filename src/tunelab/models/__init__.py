@@ -5,6 +5,7 @@ from tunelab.models.bert import BertConfig, BertModel
 from tunelab.models.gpt2 import GPT2Config, GPT2Model
 from tunelab.models.llama import LlamaConfig, LlamaModel
 from tunelab.models.rnn import RNNConfig, RNNModel
+from tunelab.models.seq2seq import Seq2SeqConfig, Seq2SeqTransformer
 from tunelab.models.registry import FAMILIES, build_model, config_from_dict, make_head
 
 __all__ = [
@@ -20,6 +21,8 @@ __all__ = [
     "ModelOutput",
     "RNNConfig",
     "RNNModel",
+    "Seq2SeqConfig",
+    "Seq2SeqTransformer",
     "build_model",
     "config_from_dict",
     "make_head",

@@ -80,6 +80,11 @@ class Model(nn.Module):
         """A recurrent model (family rnn): it carries a state instead of attending to a KV cache."""
         return getattr(self.backbone, "recurrent", False)
 
+    @property
+    def is_encoder_decoder(self) -> bool:
+        """An encoder-decoder (seq2seq): forward takes decoder_input_ids; generation encodes the source once."""
+        return getattr(self.backbone, "encoder_decoder", False)
+
     def tie_weights(self) -> None:
         """Share the token-embedding matrix with the output projection where the config says so."""
         if not getattr(self.config, "tie_embeddings", False):
@@ -105,11 +110,15 @@ class Model(nn.Module):
         cache: KVCache | None = None,
         state: Any = None,
         heads: Iterable[str] | None = None,
+        decoder_input_ids: torch.Tensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
     ) -> ModelOutput:
         """input_ids [B, T]; attention_mask [B, T_past + T] (1 = token, 0 = padding).
 
         state: a recurrent model's state to start from (None: zeros); ModelOutput.state is the one after.
         heads: names of the heads to run (default all; () for hidden states only).
+        decoder_input_ids [B, T_dec] (encoder-decoders only): the target shifted right; hidden and the heads'
+        logits are then the decoder's.
         """
         new_state = None
         if self.is_recurrent:
@@ -121,6 +130,9 @@ class Model(nn.Module):
         else:
             if state is not None:
                 raise ValueError(f"state= is for recurrent models; a {self.family} model has none")
+            extra = {}
+            if decoder_input_ids is not None:
+                extra = {"decoder_input_ids": decoder_input_ids, "decoder_attention_mask": decoder_attention_mask}
             hidden, pooled = self.backbone(
                 input_ids,
                 attention_mask,
@@ -128,20 +140,25 @@ class Model(nn.Module):
                 position_ids=position_ids,
                 document_ids=document_ids,
                 cache=cache,
+                **extra,
             )
         names = self.heads.keys() if heads is None else heads
         mask = attention_mask[:, -input_ids.shape[1]:] if attention_mask is not None else None
+        if decoder_input_ids is not None:
+            mask = decoder_attention_mask
         logits = {name: self.heads[name](hidden, pooled, mask) for name in names}
         return ModelOutput(hidden=hidden, pooled=pooled, logits=logits, state=new_state)
 
     def new_cache(
         self, batch_size: int, max_len: int, *, dtype: torch.dtype | None = None, device=None
     ) -> KVCache:
-        """An empty KV cache for decoding up to max_len positions (decoders only)."""
+        """An empty KV cache for decoding up to max_len positions (decoders, and the decoder of an encoder-decoder)."""
+        param = next(self.parameters())
+        if self.is_encoder_decoder:
+            return self.backbone.new_cache(batch_size, max_len, dtype=dtype or param.dtype, device=device or param.device)
         if not self.is_decoder or self.is_recurrent:
             raise TypeError(f"{self.family} is not a Transformer decoder; it has no KV cache")
         attn = self.backbone.layers[0].attn
-        param = next(self.parameters())
         return KVCache(
             len(self.backbone.layers),
             batch_size,

@@ -12,12 +12,14 @@ from tunelab.models.bert import BertConfig, BertModel, BertPooler
 from tunelab.models.gpt2 import GPT2Config, GPT2Model
 from tunelab.models.llama import LlamaConfig, LlamaModel
 from tunelab.models.rnn import RNNConfig, RNNModel
+from tunelab.models.seq2seq import Seq2SeqConfig, Seq2SeqTransformer
 
 FAMILIES: dict[str, tuple[type[ModelConfig], type[nn.Module]]] = {
     "bert": (BertConfig, BertModel),
     "gpt2": (GPT2Config, GPT2Model),
     "llama": (LlamaConfig, LlamaModel),
     "rnn": (RNNConfig, RNNModel),
+    "seq2seq": (Seq2SeqConfig, Seq2SeqTransformer),
 }
 
 HEAD_NAMES = ("lm", "mlm", "nsp", "classifier", "tagger", "qa")
@@ -74,8 +76,9 @@ def make_head(config: ModelConfig, name: str, num_labels: int | None = None) -> 
     dropout = getattr(config, "hidden_dropout", getattr(config, "dropout", 0.0))
     if isinstance(config, RNNConfig):
         dropout = 0.0  # the recurrent backbone applies its output_dropout before any head
-    if name == "lm":  # a recurrent LM's output layer has a bias (the unigram frequencies), as in Merity et al.
-        return H.LMHead(dim, config.vocab_size, bias=isinstance(config, RNNConfig))
+    if name == "lm":  # a recurrent LM's output layer has a bias (the unigram frequencies), as in Merity et al.;
+        # an encoder-decoder predicts its target vocabulary
+        return H.LMHead(dim, getattr(config, "output_vocab_size", config.vocab_size), bias=isinstance(config, RNNConfig))
     if name == "mlm":
         eps = getattr(config, "layer_norm_eps", 1e-12)
         return H.MaskedLMHead(dim, config.vocab_size, getattr(config, "hidden_act", "gelu"), eps)
@@ -122,7 +125,7 @@ def build_model(config: ModelConfig, heads: Iterable[str] = (), num_labels: int 
     model = Model(config, backbone, {name: make_head(config, name, num_labels) for name in heads})
     model.apply(init_weights)
     if hasattr(backbone, "init_weights"):
-        backbone.init_weights()  # a family with its own initialisation (rnn)
+        backbone.init_weights()  # a family whose paper initialises otherwise (rnn, seq2seq)
     model.tie_weights()
     return model
 

@@ -51,7 +51,6 @@ def _rss_peak() -> int:
 
 
 def make_plan(config: TrainConfig, *, timing_steps: int = 4) -> Plan:
-    from tunelab.data.collate import pad_collate
     from tunelab.data.samplers import LengthGroupedSampler
     from tunelab.train.run import masking_collator, prepare_data, prepare_model, run_tokenizer, seed_everything
     from tunelab.train.tasks import make_step
@@ -67,11 +66,11 @@ def make_plan(config: TrainConfig, *, timing_steps: int = 4) -> Plan:
     model.train()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     step = make_step(config.task.type, labels=data.labels, examples=data.validation_examples, pad_token_id=pad_id,
-                     nsp=config.task.nsp, bptt=config.data.bptt)
+                     nsp=config.task.nsp, bptt=config.data.bptt, tokenizer=tokenizer, task=config.task)
     if config.task.type == "masked_lm":
         collate = masking_collator(config, tokenizer)
     else:
-        collate = lambda rows, *_: pad_collate(rows, pad_token_id=pad_id)  # noqa: E731
+        collate = lambda rows, *_: step.collate(rows)  # noqa: E731
     lengths = data.train.lengths
     batches_per_epoch = math.ceil(len(lengths) / s.batch_size)
     steps_per_epoch = max(1, math.ceil(batches_per_epoch / s.grad_accum))
@@ -99,7 +98,8 @@ def make_plan(config: TrainConfig, *, timing_steps: int = 4) -> Plan:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if n > 0:
-            samples.append((batch["input_ids"].numel(), time.perf_counter() - start))
+            padded = batch["input_ids"].numel() + (batch["decoder_input_ids"].numel() if "decoder_input_ids" in batch else 0)
+            samples.append((padded, time.perf_counter() - start))
     # time ~ a + b * padded tokens, fitted on the timed batches, summed over every batch of the run
     fixed, per_token = _fit_line(samples)
     epoch_seconds = sum(fixed + per_token * max(lengths[i] for i in b) * len(b) for b in order)

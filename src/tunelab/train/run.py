@@ -120,14 +120,38 @@ def _prepare_qa(config: TrainConfig, tokenizer, labels) -> PreparedData:
     return PreparedData(train_rows, val_rows, [], validation, len(train))
 
 
-def _prepare_chat(config: TrainConfig, tokenizer, labels) -> PreparedData:
-    from tunelab.data.chat import encode_chat, load_chat
-
+def read_conversations(config: TrainConfig, paths: list[str], *, final_assistant: bool = True) -> list:
+    """The chat task's conversations of `paths`: chat records, or source/target pairs made into a user turn
+    (data.instruction + source) and the answer (the target)."""
     d, fmt = config.data, config.data.format
+    if d.instruction is not None:
+        from tunelab.data.seq2seq import load_pairs, pairs_to_conversations
+
+        pairs = load_pairs(paths, format=fmt, source_field=d.source_field, target_field=d.target_field,
+                           require_target=final_assistant)
+        return pairs_to_conversations(pairs, d.instruction)
+    from tunelab.data.chat import load_chat
+
     chat_format = fmt if fmt in ("alpaca", "sharegpt", "messages") else "auto"
     file_format = fmt if chat_format == "auto" else "auto"
-    train = load_chat(d.train_paths(), format=chat_format, file_format=file_format)
-    validation = load_chat(d.validation_paths(), format=chat_format, file_format=file_format) if d.validation_paths() else None
+    return load_chat(paths, format=chat_format, file_format=file_format, final_assistant=final_assistant)
+
+
+def read_pairs(config: TrainConfig, paths: list[str], *, require_target: bool = True) -> list:
+    """The seq2seq task's TextPairs of `paths` (two parallel files, or records with the source / target fields)."""
+    from tunelab.data.seq2seq import load_pairs
+
+    d = config.data
+    return load_pairs(paths, format=d.format, source_field=d.source_field, target_field=d.target_field,
+                      require_target=require_target)
+
+
+def _prepare_chat(config: TrainConfig, tokenizer, labels) -> PreparedData:
+    from tunelab.data.chat import encode_chat
+
+    d = config.data
+    train = read_conversations(config, d.train_paths())
+    validation = read_conversations(config, d.validation_paths()) if d.validation_paths() else None
     train, validation = _split(config, train, validation)
     train, validation = _limit(train, d.max_train_examples), _limit(validation, d.max_validation_examples)
     encode = lambda ex: encode_chat(ex, tokenizer, d.max_length, train_on=config.task.train_on)  # noqa: E731
@@ -205,6 +229,8 @@ def masking_collator(config: TrainConfig, tokenizer, *, stream: int = 0):
     settings = MaskingSettings(probability=t.mask_probability, mask_token_fraction=t.mask_token_fraction,
                                random_token_fraction=t.random_token_fraction, whole_word=t.whole_word_masking)
     return MaskedLMCollator.for_tokenizer(tokenizer, settings, seed=config.train.seed, stream=stream)
+
+
 def _prepare_recurrent_lm(config: TrainConfig, tokenizer, labels) -> PreparedData:
     """One token stream: training chunks of data.bptt tokens in train.batch_size parallel streams; the
     validation stream as one feature (the last validation_split of the tokens when there is no file)."""
@@ -231,6 +257,18 @@ def _prepare_recurrent_lm(config: TrainConfig, tokenizer, labels) -> PreparedDat
     return PreparedData(train_rows, val_rows, [], [], len(documents))
 
 
+def _prepare_seq2seq(config: TrainConfig, tokenizer, labels) -> PreparedData:
+    from tunelab.data.seq2seq import encode_seq2seq
+
+    d = config.data
+    train = read_pairs(config, d.train_paths())
+    validation = read_pairs(config, d.validation_paths()) if d.validation_paths() else None
+    train, validation = _split(config, train, validation)
+    train, validation = _limit(train, d.max_train_examples), _limit(validation, d.max_validation_examples)
+    encode = lambda pairs: encode_seq2seq(pairs, tokenizer, d.max_length, d.max_target_length or d.max_length)  # noqa: E731
+    return PreparedData(encode(train), encode(validation) if validation else None, [], validation or [], len(train))
+
+
 # task type -> (config, tokenizer, labels) -> PreparedData; each task's data module does the reading and encoding
 DATA_PREPARERS = {
     "classification": _prepare_classification,
@@ -240,6 +278,7 @@ DATA_PREPARERS = {
     "causal_lm": _prepare_causal_lm,
     "masked_lm": _prepare_masked_lm,
     "recurrent_lm": _prepare_recurrent_lm,
+    "seq2seq": _prepare_seq2seq,
 }
 
 
@@ -248,7 +287,7 @@ DATA_PREPARERS = {
 # task type -> the heads it trains (the first one carries the labels of labelled tasks)
 HEADS_OF_TASK: dict[str, tuple[str, ...]] = {
     "classification": ("classifier",), "tagging": ("tagger",), "qa": ("qa",), "causal_lm": ("lm",), "chat": ("lm",),
-    "masked_lm": ("mlm", "nsp"), "recurrent_lm": ("lm",),
+    "masked_lm": ("mlm", "nsp"), "recurrent_lm": ("lm",), "seq2seq": ("lm",),
 }
 
 
@@ -270,11 +309,15 @@ def prepare_model(config: TrainConfig, labels: list[str], tokenizer=None):
     model, tokenizer = build_or_load(config, tokenizer)
     heads = task_heads(config)
     check_task_fits_model(config, model)
+    if config.task.type == "seq2seq" and not model.is_encoder_decoder:
+        raise ConfigError(f"model {config.model.name} ({model.config.model_type}) is not an encoder-decoder; task "
+                          f"seq2seq needs one: model.architecture with family seq2seq, a trained seq2seq model, or "
+                          f"a BERT model with model.warm_start: bert2bert")
     if labels:
         if heads[0] in model.heads and list(model.config.labels) != list(labels):
             del model.heads[heads[0]]  # a head trained for other labels: start a fresh one
         model.config.labels = list(labels)
-    if "lm" in heads and "lm" not in model.heads and not model.is_decoder:
+    if "lm" in heads and "lm" not in model.heads and not (model.is_decoder or model.is_encoder_decoder):
         raise ConfigError(f"model {config.model.name}: this model has no language-model head; "
                           f"task {config.task.type} needs a decoder with one")
     if "mlm" in heads and (model.is_decoder or model.family != "bert"):
@@ -320,16 +363,17 @@ def build_or_load(config: TrainConfig, tokenizer=None):
     if config.model.source is not None:
         model, own_tokenizer = load_any(config.model.source, dtype=config.model.dtype)
         if config.model.tokenizer is not None:
-            return model, tokenizer if tokenizer is not None else run_tokenizer(config)
-        return model, own_tokenizer
+            tokenizer = tokenizer if tokenizer is not None else run_tokenizer(config)
+        else:
+            tokenizer = own_tokenizer
+        if config.model.warm_start == "bert2bert" and not model.is_encoder_decoder:
+            model = bert2bert(model, tokenizer, config)
+        return model, tokenizer
     from tunelab.checkpoint.load import parse_dtype
     from tunelab.models.registry import build_model, config_from_architecture
 
     tokenizer = tokenizer if tokenizer is not None else run_tokenizer(config)
-    first = lambda *ids: next((i for i in ids if i is not None), None)  # noqa: E731
-    ids = {"vocab_size": tokenizer.vocab_size, "pad_token_id": tokenizer.pad_token_id,
-           "bos_token_id": first(tokenizer.bos_token_id, tokenizer.cls_token_id),
-           "eos_token_id": first(tokenizer.eos_token_id, tokenizer.sep_token_id)}
+    ids = _special_ids(tokenizer)
     try:
         model_config = config_from_architecture(config.model.architecture, **ids)
     except (TypeError, ValueError) as err:
@@ -341,16 +385,61 @@ def build_or_load(config: TrainConfig, tokenizer=None):
     return model.to(parse_dtype(config.model.dtype)), tokenizer
 
 
+def _special_ids(tokenizer) -> dict:
+    """Vocabulary size and special-token ids a model built from scratch takes from its tokenizer; with separate
+    source and target tokenizers (a TokenizerPair), the ids are the target's and target_vocab_size is set."""
+    from tunelab.tokenizer.pair import TokenizerPair
+
+    target = tokenizer.target if isinstance(tokenizer, TokenizerPair) else tokenizer
+    first = lambda *ids: next((i for i in ids if i is not None), None)  # noqa: E731
+    ids = {"vocab_size": tokenizer.vocab_size, "pad_token_id": target.pad_token_id,
+           "bos_token_id": first(target.bos_token_id, target.cls_token_id),
+           "eos_token_id": first(target.eos_token_id, target.sep_token_id)}
+    if isinstance(tokenizer, TokenizerPair):
+        ids["target_vocab_size"] = target.vocab_size
+    return ids
+
+
+def bert2bert(bert, tokenizer, config: TrainConfig):
+    """An encoder-decoder warm-started from a BERT-family model (Rothe et al. 2020): its layers copied into both
+    stacks, fresh cross-attention, the output projection tied to the decoder's word embeddings."""
+    from tunelab.models.registry import build_model
+    from tunelab.models.seq2seq import Seq2SeqConfig, warm_start_from_bert
+
+    c = bert.config
+    if c.model_type != "bert" or getattr(c, "position_style", "") != "absolute":
+        raise ConfigError(f"model.warm_start: bert2bert needs a BERT-architecture model (BERT, MiniLM) as "
+                          f"model.source; {config.model.source} is {c.model_type}")
+    ids = _special_ids(tokenizer)
+    s2s = Seq2SeqConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_layers=c.num_layers, num_heads=c.num_heads,
+        intermediate_size=c.intermediate_size, activation=c.hidden_act, dropout=c.hidden_dropout,
+        attention_dropout=c.attention_dropout, max_position_embeddings=c.max_position_embeddings,
+        layer_norm_eps=c.layer_norm_eps, type_vocab_size=c.type_vocab_size, embeddings="bert",
+        pad_token_id=ids["pad_token_id"], bos_token_id=ids["bos_token_id"], eos_token_id=ids["eos_token_id"],
+    )
+    model = build_model(s2s)
+    warm_start_from_bert(model, bert)
+    return model.to(next(bert.parameters()).dtype)
+
+
 def run_tokenizer(config: TrainConfig, *, retrain: bool = False, save: bool = True):
     """The tokenizer a run encodes its data with: model.tokenizer if given (a tokenizer directory or file, or any
-    model source), the one model.train_tokenizer trains, else the source's own.
+    model source), the one model.train_tokenizer trains, else the source's own; with model.target_tokenizer, a
+    TokenizerPair of both.
 
     A trained tokenizer is kept in output_dir/tokenizer/ (when `save`) and read back from there by later calls
     and by a resumed run; `retrain` trains it again (a new run).
     """
     if config.model.train_tokenizer is not None:
-        return _trained_tokenizer(config, retrain=retrain, save=save)
-    return load_any_tokenizer(config.model.tokenizer or config.model.source)
+        tokenizer = _trained_tokenizer(config, retrain=retrain, save=save)
+    else:
+        tokenizer = load_any_tokenizer(config.model.tokenizer or config.model.source)
+    if config.model.target_tokenizer is not None:
+        from tunelab.tokenizer.pair import TokenizerPair, source_tokenizer
+
+        return TokenizerPair(source_tokenizer(tokenizer), load_any_tokenizer(config.model.target_tokenizer))
+    return tokenizer
 
 
 def _trained_tokenizer(config: TrainConfig, *, retrain: bool, save: bool):
@@ -416,12 +505,12 @@ def load_any(source: str, *, dtype=None):
 def load_any_tokenizer(source: str):
     """The tokenizer of any model source, without reading weights (except for run directories)."""
     if is_run_dir(source):
-        from tunelab.tokenizer import Tokenizer
+        from tunelab.tokenizer.pair import TokenizerPair
 
         path = Path(source).expanduser()
         for sub in ("model", "adapter"):
             if (path / sub / "tokenizer.json").exists():
-                return Tokenizer.from_dir(path / sub)
+                return TokenizerPair.from_dir(path / sub)
         return run_tokenizer(resume_config(path))
     from tunelab.checkpoint.load import load_tokenizer
 
@@ -493,7 +582,6 @@ def resume_config(run_dir: str | Path) -> TrainConfig:
 
 def train(config: TrainConfig, *, resume: bool = False, show_progress: bool = True, log=print) -> dict:
     """Train as the config says; returns the final validation metrics. Writes everything to output_dir."""
-    from tunelab.data.collate import pad_collate
     from tunelab.data.samplers import LengthGroupedSampler, RandomBatchSampler
     from tunelab.train.tasks import make_step
     from tunelab.train.trainer import Batches, Trainer
@@ -527,9 +615,9 @@ def train(config: TrainConfig, *, resume: bool = False, show_progress: bool = Tr
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     step = make_step(config.task.type, labels=data.labels, examples=data.validation_examples,
                      max_answer_length=config.task.max_answer_length, pad_token_id=pad_id, nsp=config.task.nsp,
-                     bptt=config.data.bptt)
+                     bptt=config.data.bptt, tokenizer=tokenizer, task=config.task)
     lengths = data.train.lengths
-    collate = lambda rows: pad_collate(rows, pad_token_id=pad_id)  # noqa: E731
+    collate = step.collate
     if config.task.type == "recurrent_lm":
         from tunelab.data.stream import StreamBatchSampler, collate_stream_chunks
 
@@ -605,7 +693,19 @@ def save_final(model, tokenizer, config: TrainConfig, run_dir: Path) -> Path:
         return out
     from tunelab.checkpoint.load import save_pretrained
 
-    return save_pretrained(model, tokenizer, run_dir / "model")
+    out = save_pretrained(model, tokenizer, run_dir / "model")
+    if config.task.type == "seq2seq":
+        write_generation_defaults(out, config)
+    return out
+
+
+def write_generation_defaults(directory: Path, config: TrainConfig) -> None:
+    """Record task.generation in generation_config.json (HF's names), the defaults of `tunelab generate`."""
+    path = directory / "generation_config.json"
+    data = json.loads(path.read_text()) if path.exists() else {}
+    g = config.task.generation
+    data.update(num_beams=g.beam_size, length_penalty=g.length_penalty, max_new_tokens=g.max_new_tokens)
+    path.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def write_run_report(run_dir: Path, config: TrainConfig, final: dict, trainer) -> Path:

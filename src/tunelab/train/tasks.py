@@ -12,8 +12,8 @@ import torch
 
 from tunelab.data.collate import pad_collate
 from tunelab.evaluate import metrics as M
-from tunelab.losses import (chunked_lm_loss, classification_loss, masked_lm_loss, next_sentence_loss, span_loss,
-                            token_loss)
+from tunelab.losses import (chunked_lm_loss, chunked_token_lm_loss, classification_loss, masked_lm_loss,
+                            next_sentence_loss, span_loss, token_loss)
 from tunelab.models.base import Model
 
 Autocast = Callable[[], Any]
@@ -41,6 +41,10 @@ class TaskStep:
 
     def __init__(self, pad_token_id: int = 0) -> None:
         self.pad_token_id = pad_token_id
+
+    def collate(self, features: Sequence[dict]) -> dict:
+        """A training or evaluation batch of features, padded."""
+        return pad_collate(features, pad_token_id=self.pad_token_id)
 
     def forward(self, model: Model, batch: dict) -> torch.Tensor:
         inputs = {k: v for k, v in _inputs(batch).items() if k != "attention_mask"}
@@ -337,8 +341,158 @@ class RecurrentLMStep(TaskStep):
         return {"loss": mean, "perplexity": M.perplexity(mean), "tokens": count}
 
 
+# ---------------------------------------------------------------------------------------------- generation
+
+METRIC_KEYS = {"bleu": "bleu", "chrf": "chrf", "rouge": "rougeL"}  # configured metric -> the reported key to select on
+
+
+def generation_metrics(predictions: list[str], references: list[str], metrics: Sequence[str]) -> dict[str, float]:
+    """sacreBLEU's BLEU and chrF (0-100) and rouge-score's ROUGE-1/2/L F-measures (0-1) of decoded texts."""
+    out: dict[str, float] = {}
+    if "bleu" in metrics:
+        out["bleu"] = M.bleu(predictions, references)
+    if "chrf" in metrics:
+        out["chrf"] = M.chrf(predictions, references)
+    if "rouge" in metrics:
+        out.update(M.rouge(predictions, references))
+    return out
+
+
+class _GenerationTask:
+    """What seq2seq and chat-from-pairs share: decode inputs with beam search and score the texts."""
+
+    def _setup(self, metrics: Sequence[str], settings, main_if_none: str = "loss") -> None:
+        from tunelab.generate.beam import BeamSettings
+
+        self.metrics = list(metrics)
+        self.settings = settings or BeamSettings()
+        if self.metrics:
+            self.main_metric, self.greater_is_better = METRIC_KEYS[self.metrics[0]], True
+        else:
+            self.main_metric, self.greater_is_better = main_if_none, False
+
+    def decode(self, model: Model, inputs: list[list[int]], batch_size: int, autocast, tokenizer,
+               eos_token_ids=None) -> list[str]:
+        from tunelab.generate.beam import beam_search_texts
+
+        texts = beam_search_texts(model, tokenizer, inputs, self.settings, batch_size=batch_size, autocast=autocast,
+                                  eos_token_ids=eos_token_ids)
+        return [t.strip() for t in texts]
+
+
+class Seq2SeqStep(_GenerationTask, TaskStep):
+    """Encoder-decoder: teacher-forced cross-entropy of the target tokens (label smoothing while training);
+    evaluation adds perplexity and, with metrics, BLEU / chrF / ROUGE of beam-searched outputs."""
+
+    head = "lm"
+
+    def __init__(self, tokenizer, examples=None, *, metrics: Sequence[str] = (), settings=None,
+                 label_smoothing: float = 0.0) -> None:
+        from tunelab.data.seq2seq import target_special_ids
+        from tunelab.tokenizer.pair import source_tokenizer, target_tokenizer
+
+        source = source_tokenizer(tokenizer)
+        pad = source.pad_token_id if source.pad_token_id is not None else (source.eos_token_id or 0)
+        super().__init__(pad)
+        self.target_tokenizer = target_tokenizer(tokenizer)
+        self.target_pad_token_id = target_special_ids(tokenizer)[2]
+        self.examples = examples or []  # TextPairs, one per feature; references are their targets
+        self.label_smoothing = label_smoothing
+        self._setup(metrics, settings)
+
+    def collate(self, features):
+        from tunelab.data.seq2seq import collate_seq2seq
+
+        return collate_seq2seq(features, pad_token_id=self.pad_token_id, target_pad_token_id=self.target_pad_token_id)
+
+    def num_targets(self, batch: dict) -> int:
+        return int((batch["labels"] != -100).sum())
+
+    def loss(self, model, batch, *, label_smoothing: float | None = None):
+        smoothing = self.label_smoothing if label_smoothing is None else label_smoothing
+        out = model(batch["input_ids"], batch["attention_mask"], decoder_input_ids=batch["decoder_input_ids"], heads=())
+        return chunked_token_lm_loss(out.hidden, batch["labels"], model.heads["lm"], label_smoothing=smoothing)
+
+    @torch.inference_mode()
+    def evaluate(self, model, features, batch_size, autocast) -> dict:
+        model.eval()
+        device = next(model.parameters()).device
+        order = sorted(range(len(features)), key=lambda i: features[i]["length"])
+        total, count = 0.0, 0
+        for start in range(0, len(order), batch_size):
+            batch = self.collate([features[i] for i in order[start : start + batch_size]])
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with autocast():
+                loss, n = self.loss(model, batch, label_smoothing=0.0)
+            total, count = total + float(loss), count + n
+        mean = total / max(1, count)
+        result: dict[str, Any] = {"loss": mean, "perplexity": M.perplexity(mean), "tokens": count}
+        if self.metrics:
+            if len(self.examples) != len(features):
+                raise ValueError(f"{len(features)} features but {len(self.examples)} reference examples")
+            predictions = self.predict(model, features, batch_size, autocast)
+            result.update(generation_metrics(predictions, [e.target for e in self.examples], self.metrics))
+        return result
+
+    def predict(self, model, features, batch_size, autocast) -> list[str]:
+        """The decoded target text of every feature's source, in order."""
+        return self.decode(model, [f["input_ids"] for f in features], batch_size, autocast, self.target_tokenizer)
+
+
+class ChatGenerationStep(_GenerationTask, CausalLMStep):
+    """Chat SFT (a decoder-only model on source/target pairs) that also decodes the validation prompts and
+    scores the answers against the references with BLEU / chrF / ROUGE."""
+
+    def __init__(self, tokenizer, examples=None, *, metrics: Sequence[str] = (), settings=None,
+                 pad_token_id: int = 0) -> None:
+        super().__init__(pad_token_id)
+        self.tokenizer = tokenizer
+        self.examples = examples or []  # Conversations ending with the reference answer
+        self._setup(metrics, settings)
+
+    def prompts(self, conversations) -> list[list[int]]:
+        """Each conversation up to its last assistant turn, with the assistant's turn opened."""
+        prompts = []
+        for conversation in conversations:
+            messages = conversation.messages
+            if messages[-1]["role"] == "assistant":
+                messages = messages[:-1]
+            prompts.append(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+        return prompts
+
+    def evaluate(self, model, features, batch_size, autocast) -> dict:
+        result = super().evaluate(model, features, batch_size, autocast)
+        if self.metrics and self.examples:
+            predictions = self.answers(model, self.examples, batch_size, autocast)
+            references = [c.messages[-1]["content"] for c in self.examples]
+            result.update(generation_metrics(predictions, references, self.metrics))
+        return result
+
+    def answers(self, model, conversations, batch_size, autocast) -> list[str]:
+        from tunelab.generate.decode import eos_ids
+
+        return self.decode(model, self.prompts(conversations), batch_size, autocast, self.tokenizer,
+                           eos_token_ids=eos_ids(model, self.tokenizer))
+
+
+def beam_settings(task) -> Any:
+    """BeamSettings from a config's task.generation."""
+    from tunelab.generate.beam import BeamSettings
+
+    g = task.generation
+    return BeamSettings(beam_size=g.beam_size, length_penalty=g.length_penalty, max_new_tokens=g.max_new_tokens)
+
+
 def make_step(task_type: str, *, labels=None, examples=None, max_answer_length=30, pad_token_id=0,
-              nsp: bool = True, bptt: int = 35) -> TaskStep:
+              nsp: bool = True, bptt: int = 35, tokenizer=None, task=None) -> TaskStep:
+    """The step of `task_type`; seq2seq (and chat with task.metrics) also need the tokenizer and the task section."""
+    if task_type == "seq2seq":
+        return Seq2SeqStep(tokenizer, examples, metrics=task.metrics if task else (),
+                           settings=beam_settings(task) if task else None,
+                           label_smoothing=task.label_smoothing if task else 0.0)
+    if task_type == "chat" and task is not None and task.metrics:
+        return ChatGenerationStep(tokenizer, examples, metrics=task.metrics, settings=beam_settings(task),
+                                  pad_token_id=pad_token_id)
     if task_type == "classification":
         return ClassificationStep(labels, pad_token_id)
     if task_type == "tagging":

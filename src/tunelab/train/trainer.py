@@ -244,6 +244,8 @@ class Trainer:
                 loss_totals[name] += float(loss_sums[name].detach())
             if "attention_mask" in batch:
                 tokens += int(batch["attention_mask"].sum())
+            if "decoder_attention_mask" in batch:  # an encoder-decoder reads the source and the target
+                tokens += int(batch["decoder_attention_mask"].sum())
         if self.settings.max_grad_norm:
             params = [p for p in self.model.parameters() if p.grad is not None]
             torch.nn.utils.clip_grad_norm_(params, self.settings.max_grad_norm)
