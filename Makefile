@@ -46,6 +46,7 @@ bench: venv
 	$(PY) benchmarks/recurrent_lm.py all
 	$(PY) benchmarks/task_figures.py multi30k
 	$(PY) benchmarks/task_figures.py dialogsum
+	$(PY) benchmarks/task_figures.py dialogsum-bert2bert
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info

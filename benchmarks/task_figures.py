@@ -4,7 +4,8 @@ character-level GPT pretrained from scratch on tinyshakespeare (validation loss 
 BERT pretraining on WikiText-2 (MLM and NSP accuracy, masked-token perplexity), then fine-tuning the result
 on rotten tomatoes against the same architecture from random initialisation, English-German translation on
 Multi30k with the Transformer from scratch (sacreBLEU BLEU / chrF on val, and the time of beam search over
-the 1,014 sentences), and DialogSum summarization by SmolLM2 with LoRA (ROUGE-1/2/L before / after).
+the 1,014 sentences), and DialogSum summarization by SmolLM2 with LoRA (ROUGE-1/2/L before / after) and by a BERT2BERT
+encoder-decoder warm-started from MiniLM-L6.
 
     python benchmarks/task_figures.py xquad
     python benchmarks/task_figures.py alpaca
@@ -12,6 +13,7 @@ the 1,014 sentences), and DialogSum summarization by SmolLM2 with LoRA (ROUGE-1/
     python benchmarks/task_figures.py bert-mlm
     python benchmarks/task_figures.py multi30k      # trains the BPE tokenizer first if it is missing
     python benchmarks/task_figures.py dialogsum
+    python benchmarks/task_figures.py dialogsum-bert2bert
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 JOBS = {"xquad": "configs/xquad-minilm.yaml", "alpaca": "configs/alpaca-smollm2-lora.yaml",
         "shakespeare": "configs/tinyshakespeare-gpt.yaml", "bert-mlm": "configs/wikitext2-bert-mlm.yaml",
-        "multi30k": "configs/multi30k-transformer.yaml", "dialogsum": "configs/dialogsum-smollm2-lora.yaml"}
+        "multi30k": "configs/multi30k-transformer.yaml", "dialogsum": "configs/dialogsum-smollm2-lora.yaml",
+        "dialogsum-bert2bert": "configs/dialogsum-bert2bert.yaml"}
 MULTI30K_TOKENIZER = "runs/tokenizers/multi30k-bpe8k"
 FINE_TUNE = "configs/rotten-tomatoes-bert-mlm.yaml"
 SMALL_BERT = ("{family: bert, hidden_size: 256, num_layers: 4, num_heads: 4, intermediate_size: 1024, "
@@ -122,6 +125,9 @@ def main() -> None:
         print(f"Multi30k en-de val (1,014 sentences): BLEU {final['bleu']:.2f}, chrF {final['chrf']:.2f}, "
               f"loss {final['loss']:.4f} ({minutes:.1f} min, final evaluation included; `tunelab eval` alone: "
               f"{decode_minutes:.1f} min, BLEU {again['bleu']:.2f})")
+    elif args.job == "dialogsum-bert2bert":
+        print(f"BERT2BERT (MiniLM-L6 warm start) on DialogSum (450 train / 50 validation dialogues): "
+              + ", ".join(f"{k} {final[k]:.4f}" for k in ("rouge1", "rouge2", "rougeL", "loss")) + f" ({minutes:.1f} min)")
     elif args.job == "dialogsum":
         before = validation[0]
         print(f"SmolLM2-135M-Instruct LoRA on DialogSum (450 train / 50 validation dialogues): "
