@@ -51,10 +51,11 @@ def ok(capsys, *argv: str) -> str:
 @pytest.fixture(scope="module")
 def words(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("vocab") / "words"
-    done = subprocess.run([sys.executable, "examples/word_tokenizer.py", str(WIKITEXT / "valid.txt"), "--max-vocab",
-                           "3000", "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "tunelab", "tokenizer", "train", "--type", "word", "--data",
+                           str(WIKITEXT / "valid.txt"), "--vocab-size", "3000", "--out", str(out), "--no-progress"],
+                          cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert f"wrote {out}: 3000 ids (<pad> 0, <unk> 1, <eos> 2)" in done.stdout
+    assert f"wrote {out}: word tokenizer, vocabulary size 3000 (special tokens: <pad> <unk> <eos>)" in done.stdout
     return out
 
 

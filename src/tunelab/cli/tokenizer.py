@@ -1,4 +1,4 @@
-"""tunelab tokenizer train: train a tokenizer (bpe, byte-bpe, wordpiece, char) on data files."""
+"""tunelab tokenizer train: train a tokenizer (bpe, byte-bpe, wordpiece, char, word) on data files."""
 
 from __future__ import annotations
 
@@ -17,15 +17,16 @@ def add_parser(subparsers) -> None:
             "Train a tokenizer and write tokenizer.json, tokenizer_config.json and special_tokens_map.json, which "
             "tunelab (model.tokenizer, --model) and transformers (AutoTokenizer) load. Types: bpe (character BPE, "
             "spaces marked '▁'), byte-bpe (GPT-2 byte-level BPE, lossless), wordpiece (BERT, [CLS] ... [SEP]), "
-            "char (one id per character seen)."),
+            "char (one id per character seen), word (one id per whitespace-separated word, line ends are <eos>: WikiText "
+            "style, for recurrent LMs)."),
         epilog="example: tunelab tokenizer train --data ../shared/data/tinyshakespeare/input.txt --type char "
                "--out runs/tokenizers/shakespeare-char",
     )
     t.add_argument("--data", nargs="+", required=True, metavar="FILE",
                    help="text files: .txt (line by line) or jsonl/json/csv/tsv/parquet (--text-field)")
-    t.add_argument("--type", required=True, choices=["bpe", "byte-bpe", "wordpiece", "char"])
+    t.add_argument("--type", required=True, choices=["bpe", "byte-bpe", "wordpiece", "char", "word"])
     t.add_argument("--vocab-size", type=int, help="ids in the vocabulary, special tokens included "
-                                                  "(required except for char, where it is an upper bound)")
+                                                  "(required except for char and word, where it is an upper bound)")
     t.add_argument("--out", required=True, metavar="DIR", help="output directory (new or empty)")
     t.add_argument("--min-frequency", type=int, help="least count of a merge (default 2) or of a character "
                                                      "(char: default 1, every character)")

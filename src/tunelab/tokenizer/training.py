@@ -36,7 +36,7 @@ from tunelab.data.readers import PathLike, as_paths, detect_format, read_records
 from tunelab.errors import ConfigError, DataError
 from tunelab.tokenizer.base import Tokenizer
 
-TOKENIZER_TYPES = ("bpe", "byte-bpe", "wordpiece", "char")
+TOKENIZER_TYPES = ("bpe", "byte-bpe", "wordpiece", "char", "word")
 
 END_OF_TEXT = "<|endoftext|>"
 UNKNOWN = "<unk>"
@@ -63,6 +63,8 @@ def special_tokens_of(kind: str) -> dict[str, str]:
         return dict(BERT_SPECIALS)
     if kind == "byte-bpe":
         return {"eos_token": END_OF_TEXT, "pad_token": END_OF_TEXT}
+    if kind == "word":  # WikiText / PTB conventions (tokenizer/word_level.py)
+        return {"pad_token": "<pad>", "unk_token": "<unk>", "eos_token": "<eos>"}
     return {"eos_token": END_OF_TEXT, "pad_token": END_OF_TEXT, "unk_token": UNKNOWN}
 
 
@@ -94,10 +96,10 @@ def train_tokenizer(
     show_progress: bool = False,
     summary: list | None = None,
 ) -> Tokenizer:
-    """Train a tokenizer of `type` (bpe, byte-bpe, wordpiece, char) on the texts of `files`.
+    """Train a tokenizer of `type` (bpe, byte-bpe, wordpiece, char, word) on the texts of `files`.
 
-    vocab_size: ids in the vocabulary, special tokens included (required except for char, where it is an
-    upper bound). min_frequency: least count of a merge (default 2), or of a character for char (default 1,
+    vocab_size: ids in the vocabulary, special tokens included (required except for char and word, where it
+    is an upper bound: word keeps the most frequent words). min_frequency: least count of a merge (default 2), or of a character for char (default 1,
     every character). lowercase: lower-case the text first (default: true for wordpiece, as uncased BERT,
     false otherwise). special_tokens: more special tokens to reserve ids for (e.g. chat markers).
     limit_alphabet: bpe / wordpiece keep only this many of the most frequent characters (the rest are
@@ -111,7 +113,7 @@ def train_tokenizer(
     specials = list(dict.fromkeys([*named.values(), *special_tokens]))
     if any(not isinstance(token, str) or not token for token in specials):
         raise ConfigError(f"special tokens must be non-empty strings, got {list(special_tokens)!r}")
-    if vocab_size is None and type != "char":
+    if vocab_size is None and type not in ("char", "word"):
         raise ConfigError(f"a {type} tokenizer needs a vocabulary size (--vocab-size N)")
     if vocab_size is not None and vocab_size <= len(specials):
         raise ConfigError(f"vocabulary size {vocab_size} leaves no room beside the {len(specials)} special tokens "
@@ -125,9 +127,7 @@ def train_tokenizer(
         raise ConfigError(f"limit_alphabet must be at least 1, got {limit_alphabet}")
     if lowercase is None:
         lowercase = type == "wordpiece"
-    min_frequency = min_frequency if min_frequency is not None else (1 if type == "char" else 2)
-
-    backend, trainer = _pipeline(type, vocab_size, min_frequency, lowercase, specials, limit_alphabet, show_progress)
+    min_frequency = min_frequency if min_frequency is not None else (1 if type in ("char", "word") else 2)
     counts = {"texts": 0, "characters": 0}
 
     def counted() -> Iterator[str]:
@@ -136,8 +136,19 @@ def train_tokenizer(
             counts["characters"] += len(text)
             yield text
 
-    backend.train_from_iterator(counted(), trainer)
     where = ", ".join(str(p) for p in paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+    if type == "word":
+        from tunelab.tokenizer.word_level import word_level_from_texts
+
+        tokenizer = word_level_from_texts(counted(), min_frequency=min_frequency, max_vocab=vocab_size,
+                                          lowercase=lowercase, special_tokens=[t for t in specials if t not in named.values()])
+        if tokenizer.vocab_size <= len(specials):
+            raise DataError(f"{where}: no words to train a tokenizer on ({counts['texts']} texts, all of them blank)")
+        tokenizer._model_max_length = model_max_length
+        return _finish(tokenizer, out, summary, paths, counts, start)
+
+    backend, trainer = _pipeline(type, vocab_size, min_frequency, lowercase, specials, limit_alphabet, show_progress)
+    backend.train_from_iterator(counted(), trainer)
     learned = backend.get_vocab_size(with_added_tokens=True)
     if learned <= len(specials):
         raise DataError(f"{where}: no text to train a tokenizer on ({counts['texts']} texts, "
@@ -156,6 +167,10 @@ def train_tokenizer(
         # transformers returns token_type_ids (which BERT reads) only for tokenizers that list them
         extra_config["model_input_names"] = ["input_ids", "token_type_ids", "attention_mask"]
     tokenizer = Tokenizer(backend, special_tokens=named, model_max_length=model_max_length, extra_config=extra_config)
+    return _finish(tokenizer, out, summary, paths, counts, start)
+
+
+def _finish(tokenizer: Tokenizer, out, summary, paths, counts: dict, start: float) -> Tokenizer:
     if out is not None:
         tokenizer.save(out)
     if summary is not None:

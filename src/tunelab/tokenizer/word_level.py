@@ -8,12 +8,14 @@ first, after the special tokens <pad> (id 0, for padded batches), <unk> and <eos
 
     tokenizer = train_word_level(["../shared/data/wikitext2/valid.txt"])
     tokenizer.save("runs/wikitext2-words")           # tokenizer.json & co: model.tokenizer of a config
+
+The CLI: `tunelab tokenizer train --type word --data FILES --out DIR` (tokenizer/training.py).
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from tokenizers import Regex, normalizers, pre_tokenizers
@@ -51,16 +53,29 @@ def train_word_level(files: Iterable[str | Path], *, min_frequency: int = 1, max
     for path in paths:
         if not path.is_file():
             raise TokenizerError(f"{path}: no such training file")
+
+    def texts() -> Iterator[str]:
+        for path in paths:
+            try:
+                yield path.read_text(encoding="utf-8")
+            except UnicodeDecodeError as err:
+                raise TokenizerError(f"{path}: not UTF-8 text (byte {err.start})") from None
+
+    return word_level_from_texts(texts(), min_frequency=min_frequency, max_vocab=max_vocab, lowercase=lowercase,
+                                 unk_token=unk_token, eos_token=eos_token, pad_token=pad_token)
+
+
+def word_level_from_texts(texts: Iterable[str], *, min_frequency: int = 1, max_vocab: int | None = None,
+                          lowercase: bool = False, unk_token: str = "<unk>", eos_token: str = "<eos>",
+                          pad_token: str = "<pad>", special_tokens: Sequence[str] = ()) -> Tokenizer:
+    """A word-level Tokenizer over the words of `texts` (each line end is <eos>); see train_word_level.
+    special_tokens: more reserved tokens, after <pad> <unk> <eos>."""
     if min_frequency < 1:
         raise TokenizerError(f"min_frequency must be at least 1, got {min_frequency}")
-    specials = [pad_token, unk_token, eos_token]
+    specials = list(dict.fromkeys([pad_token, unk_token, eos_token, *special_tokens]))
     counting = word_level_backend({unk_token: 0}, unk_token=unk_token, eos_token=eos_token, lowercase=lowercase)
     counts: Counter[str] = Counter()
-    for path in paths:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as err:
-            raise TokenizerError(f"{path}: not UTF-8 text (byte {err.start})") from None
+    for text in texts:
         if counting.normalizer is not None:
             text = counting.normalizer.normalize_str(text)
         counts.update(word for word, _ in counting.pre_tokenizer.pre_tokenize_str(text))
@@ -70,4 +85,6 @@ def train_word_level(files: Iterable[str | Path], *, min_frequency: int = 1, max
         words = words[: max(0, max_vocab - len(specials))]
     vocab = {token: i for i, token in enumerate(specials + words)}
     backend = word_level_backend(vocab, unk_token=unk_token, eos_token=eos_token, lowercase=lowercase)
+    for token in special_tokens:
+        backend.add_special_tokens([token])
     return Tokenizer(backend, special_tokens={"pad_token": pad_token, "unk_token": unk_token, "eos_token": eos_token})

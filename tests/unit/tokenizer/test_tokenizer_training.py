@@ -253,3 +253,23 @@ def test_cli_trains_writes_and_prints_the_size_and_an_example(tmp_path, capsys):
 
     assert main(["tokenizer", "train", "--data", str(SHAKESPEARE), "--type", "bpe", "--out", str(tmp_path / "b")]) == 1
     assert "needs a vocabulary size (--vocab-size N)" in capsys.readouterr().err
+
+
+def test_word_type_is_the_wikitext_word_vocabulary_and_transformers_reads_it(tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    from tunelab.tokenizer.word_level import train_word_level
+
+    wikitext = Path(__file__).resolve().parents[4] / "shared" / "data" / "wikitext2" / "valid.txt"
+    out = tmp_path / "words"
+    assert main(["tokenizer", "train", "--type", "word", "--data", str(wikitext), "--vocab-size", "3000",
+                 "--out", str(out), "--no-progress"]) == 0
+    assert "word tokenizer, vocabulary size 3000 (special tokens: <pad> <unk> <eos>)" in capsys.readouterr().out
+    ours = Tokenizer.from_dir(out)
+    reference = train_word_level([wikitext], max_vocab=3000)  # the most frequent words, specials first
+    assert ours.get_vocab() == reference.get_vocab()
+    assert [ours.pad_token_id, ours.unk_token_id, ours.eos_token_id] == [0, 1, 2]
+    text = "The album was released in 2003 .\nIt sold zzqx copies .\n"
+    ids = ours.encode(text)
+    assert ids[-1] == ours.eos_token_id and ours.unk_token_id in ids  # line end -> <eos>, an unseen word -> <unk>
+    assert AutoTokenizer.from_pretrained(out)(text)["input_ids"] == ids
