@@ -14,14 +14,15 @@ text: an empty cell is null, `score` is read as a number, and a cell of `input`,
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import IO, Any
 
-from tunelab.data.readers import read_records, read_text_file
-from tunelab.errors import DataError, FeedbackError
+from tunelab.errors import FeedbackError
 from tunelab.feedback.record import FeedbackRecord, FeedbackRecordError
 
 FORMATS = ("jsonl", "json", "csv", "tsv")
@@ -59,16 +60,10 @@ def read_feedback_file(path: str | Path, format: str = "auto") -> list[FeedbackR
     path = Path(path)
     kind = detect_format(path, format)
     problems: list[tuple[str, str]] = []  # (file:line, what is wrong)
+    text = _read_text(path)
     if kind in ("csv", "tsv"):
-        try:
-            items = [(r.source, _from_cells(r.data, r.source, problems)) for r in read_records(path, kind)]
-        except DataError as err:
-            raise FeedbackError(str(err)) from None
+        items = [(where, _from_cells(row, where, problems)) for where, row in _csv_rows(path, text, kind)]
     else:
-        try:
-            text = read_text_file(path)
-        except DataError as err:
-            raise FeedbackError(str(err)) from None
         items = _jsonl_items(path, text, problems) if kind == "jsonl" else _json_array_items(path, text, problems)
     records = []
     for where, data in items:
@@ -111,6 +106,56 @@ def _write_lines(records: Iterable[FeedbackRecord], stream: IO[str]) -> int:
         stream.write(json.dumps(record.to_dict(), ensure_ascii=False) + "\n")
         count += 1
     return count
+
+
+def _read_text(path: Path) -> str:
+    """A UTF-8 file's text (a BOM dropped); FeedbackError for a missing, unreadable or empty file.
+    (Not tunelab.data's reader: importing tunelab.data loads torch, which the store does not need.)"""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise FeedbackError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise FeedbackError(f"{path}: is a directory, expected a feedback file") from None
+    except OSError as err:
+        raise FeedbackError(f"{path}: cannot read: {err.strerror or err}") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise FeedbackError(f"{path}:{line}: not valid UTF-8 (byte {raw[err.start]:#04x}); save the file as UTF-8") \
+            from None
+    if not text.strip():
+        raise FeedbackError(f"{path}: the file is empty")
+    return text
+
+
+def _csv_rows(path: Path, text: str, kind: str) -> list[tuple[str, dict[str, str]]]:
+    """("path:line", {column: cell}) for each non-blank row below the header; the line is where the row starts
+    (a quoted cell may span lines). TSV cells are not quoted: a '"' there is an ordinary character."""
+    delimiter, quoting = ("\t", csv.QUOTE_NONE) if kind == "tsv" else (",", csv.QUOTE_MINIMAL)
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting, strict=True)
+    rows, names, start = [], None, 1
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as err:
+            raise FeedbackError(f"{path}:{reader.line_num}: malformed row: {err}") from None
+        line, start = start, reader.line_num + 1
+        if not row or (len(row) == 1 and not row[0].strip()):
+            continue
+        if names is None:
+            names = [name.strip() for name in row]
+            if len(set(names)) != len(names) or not all(names):
+                raise FeedbackError(f"{path}:{line}: header: column names must be present and different, found "
+                                    f"{', '.join(names)}")
+            continue
+        if len(row) != len(names):
+            raise FeedbackError(f"{path}:{line}: expected {len(names)} cells ({', '.join(names)}), found {len(row)}")
+        rows.append((f"{path}:{line}", dict(zip(names, row))))
+    return rows
 
 
 def _line(where: str) -> int:
