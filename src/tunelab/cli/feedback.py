@@ -45,10 +45,12 @@ def add_parser(subparsers) -> None:
     r = commands.add_parser(
         "review", help="judge model outputs in the terminal",
         description="Show each record without a person's verdict, or with a bad one and no correction (oldest "
-                    "first), and ask: a accept (good), r reject (bad), c write a critique, e write a correction "
+                    "first; a bad one stays in the queue until it has a correction), and ask: a accept (good), r reject (bad), c write a critique, e write a correction "
                     "(the verdict becomes bad), s skip, q quit. Texts end with an empty line. Every answer is "
                     "saved at once.")
     r.add_argument("--limit", type=int, metavar="N", help="review at most N records")
+    r.add_argument("--unjudged", action="store_true", help="only records without a person's verdict (not the "
+                   "bad ones that still lack a correction)")
     _add_store(r)
     _add_filters(r, verdict=False)
     r.set_defaults(run=run_review)
@@ -190,7 +192,8 @@ def run_review(args: argparse.Namespace) -> int:
         print(text, end="", flush=True)
 
     with _open(args) as store:
-        summary, waiting = review(store, read_line, write, limit=args.limit, **_filters(args))
+        summary, waiting = review(store, read_line, write, limit=args.limit, unjudged_only=args.unjudged,
+                                  **_filters(args))
         if not waiting:
             print(f"nothing to review in {store.path}: each of its {store.count()} records has a person's verdict "
                   f"(and a correction if bad)" + (" among those the filters select" * bool(_filters(args))))

@@ -85,8 +85,13 @@ def migrate(conn: sqlite3.Connection, where: str) -> int:
         _refuse_foreign(conn, found, where)
         for migration in MIGRATIONS:
             if migration.version > found:
-                for statement in migration.statements:
-                    conn.execute(statement)
+                try:
+                    for statement in migration.statements:
+                        conn.execute(statement)
+                except sqlite3.DatabaseError as err:
+                    raise FeedbackError(f"{where}: migrating the feedback store from schema v{found} failed at "
+                                        f"v{migration.version} ({migration.description}): {err}; the store is "
+                                        f"unchanged") from None
                 conn.execute(f"PRAGMA user_version = {migration.version}")
         conn.execute("COMMIT")
     except BaseException:

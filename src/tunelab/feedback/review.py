@@ -1,7 +1,8 @@
 """People reviewing model outputs in a terminal: `tunelab feedback review`.
 
 The loop shows each record that needs a person (no person's verdict yet, or a bad one without a
-correction): the input, the output, the reference if there is one, and what was said of it so far. Keys:
+correction, which stays in the queue until someone writes one): the input, the output, the reference if
+there is one, and what was said of it so far. Keys:
 
     a  accept: verdict good, from a person
     r  reject: verdict bad, from a person
@@ -50,11 +51,13 @@ class ReviewSummary:
 
 
 def review(store: FeedbackStore, read_line: Callable[[str], str | None], write: Callable[[str], None], *,
-           limit: int | None = None, **filters) -> tuple[ReviewSummary, int]:
-    """Review the records that need a person and pass `filters` (see FeedbackStore.query), oldest first, at
-    most `limit`. `read_line(prompt)` returns a line without its newline, or None at the end of input (which
-    quits). Returns the summary and how many records were waiting."""
-    waiting = [record.id for record in store.iter_query(needs_review=True, **filters)]
+           limit: int | None = None, unjudged_only: bool = False, **filters) -> tuple[ReviewSummary, int]:
+    """Review the records that need a person (with `unjudged_only`, only those without a person's verdict)
+    and pass `filters` (see FeedbackStore.query), oldest first, at most `limit`. `read_line(prompt)` returns a
+    line without its newline, or None at the end of input (which quits). Returns the summary and how many
+    records were waiting."""
+    wanted = {"unjudged": True} if unjudged_only else {"needs_review": True}
+    waiting = [record.id for record in store.iter_query(**wanted, **filters)]
     summary = ReviewSummary()
     todo = waiting[:limit] if limit is not None else waiting
     for position, id in enumerate(todo, start=1):
@@ -62,7 +65,7 @@ def review(store: FeedbackStore, read_line: Callable[[str], str | None], write: 
             record = store.get(id)
         except FeedbackError:
             continue  # deleted meanwhile
-        if not _needs_review(record):
+        if not _needs_review(record, unjudged_only):
             continue  # someone else (another terminal, the feedback page) has reviewed it meanwhile
         summary.shown += 1
         write(show(record, position, len(todo)))
@@ -72,8 +75,10 @@ def review(store: FeedbackStore, read_line: Callable[[str], str | None], write: 
     return summary, len(waiting)
 
 
-def _needs_review(record: FeedbackRecord) -> bool:
-    return record.source != "person" or (record.verdict == "bad" and record.correction is None)
+def _needs_review(record: FeedbackRecord, unjudged_only: bool) -> bool:
+    """The store's needs_review / unjudged filters, for one record read again."""
+    unjudged = record.source != "person"
+    return unjudged or (not unjudged_only and record.verdict == "bad" and record.correction is None)
 
 
 def _ask(store: FeedbackStore, record: FeedbackRecord, read_line: Callable[[str], str | None],

@@ -37,6 +37,8 @@ DEFAULT_STORE = "feedback.db"
 # Columns in the order of the SELECTs below (all of schema v2).
 _COLUMNS = ("id", "input", "input_format", "output", "model", "model_version", "verdict", "score", "critique",
             "correction", "source", "task", "reference", "metadata", "created_at", "updated_at")
+# What `tunelab feedback review` shows: no person's verdict yet, or a bad verdict that has no correction.
+_NEEDS_REVIEW = "source != 'person' OR (verdict = 'bad' AND correction IS NULL)"
 _PAGE = 500  # rows read at a time by iter_query
 _UPDATABLE = ("input", "output", "model", "model_version", "verdict", "score", "critique", "correction", "source",
               "task", "reference", "metadata", "updated_at")
@@ -204,13 +206,16 @@ class FeedbackStore:
     def judge(self, id: int, *, verdict: str | None, score: float | None = None, source: str = "person",
               **changes: Any) -> FeedbackRecord:
         """Give record `id` a new judgement (verdict and/or score from `source`), e.g. a person's over a judge
-        model's. The judgement it replaces is kept in metadata["history"] (verdict, score, source, time)."""
+        model's. The judgement it replaces is kept in metadata["history"] (verdict, score, source, and when it
+        was replaced)."""
+        now = utc_now()
+
         def change(record: FeedbackRecord) -> dict[str, Any]:
-            previous = {"verdict": record.verdict, "score": record.score, "source": record.source,
-                        "at": record.updated_at}
+            previous = {"verdict": record.verdict, "score": record.score, "source": record.source, "replaced_at": now}
             metadata = dict(record.metadata)
             metadata["history"] = [*metadata.get("history", []), previous]
-            return {**changes, "verdict": verdict, "score": score, "source": source, "metadata": metadata}
+            return {"updated_at": now, **changes, "verdict": verdict, "score": score, "source": source,
+                    "metadata": metadata}
 
         return self.modify(id, change)
 
@@ -240,8 +245,8 @@ class FeedbackStore:
     def query(self, *, limit: int | None = None, newest_first: bool = False, **filters: Any) -> list[FeedbackRecord]:
         """Records that pass every filter, oldest first (by id). Filters: model, model_version, source (one or
         a list), verdict ('good', 'bad', 'none': score only), task, has_correction, has_critique, since and
-        until (ISO dates or times, or a datetime; by created_at), needs_review (no person's verdict yet, or a
-        bad one without a correction)."""
+        until (ISO dates or times, or a datetime; by created_at), unjudged (no person's verdict yet),
+        needs_review (unjudged, or a bad verdict without a correction)."""
         return list(self.iter_query(limit=limit, newest_first=newest_first, **filters))
 
     def iter_query(self, *, limit: int | None = None, newest_first: bool = False,
@@ -365,10 +370,10 @@ def _where(filters: Mapping[str, Any]) -> tuple[str, list[Any]]:
                 raise FeedbackError(f"{name}: {err}") from None
             clauses.append(f"created_at {'>=' if name == 'since' else '<'} ?")
             params.append(moment)
-        elif name == "needs_review":
-            review = "(source != 'person' OR (verdict = 'bad' AND correction IS NULL))"
-            clauses.append(review if value else f"NOT {review}")
+        elif name in ("needs_review", "unjudged"):
+            condition = "source != 'person'" if name == "unjudged" else _NEEDS_REVIEW
+            clauses.append(f"({condition})" if value else f"NOT ({condition})")
         else:
             raise FeedbackError(f"unknown filter {name!r} (known: model, model_version, source, verdict, task, "
-                                f"has_correction, has_critique, since, until, needs_review)")
+                                f"has_correction, has_critique, since, until, unjudged, needs_review)")
     return (f" WHERE {' AND '.join(clauses)}" if clauses else ""), params
