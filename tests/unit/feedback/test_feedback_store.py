@@ -126,7 +126,7 @@ def test_update_and_judge_keep_history(store):
     judged = store.judge(3, verdict="good")
     assert (judged.verdict, judged.score, judged.source) == ("good", None, "person")
     assert judged.metadata["history"] == [
-        {"verdict": "bad", "score": 0.1, "source": "judge", "at": "2025-01-03T10:00:00.000000Z"}]
+        {"verdict": "bad", "score": 0.1, "source": "judge", "replaced_at": judged.updated_at}]
     again = store.judge(3, verdict="bad", correction="Paris is the capital.")
     assert [h["source"] for h in again.metadata["history"]] == ["judge", "person"]
     with pytest.raises(FeedbackRecordError, match="record 1: field 'verdict'"):
