@@ -181,12 +181,17 @@ def run_review(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise FeedbackError("--limit must be at least 1")
 
+    echo = not sys.stdin.isatty()  # answers piped in are shown, so that the transcript reads as in a terminal
+
     def read_line(prompt: str) -> str | None:
         try:
-            return input(prompt)
+            line = input(prompt)
         except EOFError:
             print()
             return None
+        if echo:
+            print(line)
+        return line
 
     def write(text: str) -> None:
         print(text, end="", flush=True)
