@@ -99,25 +99,41 @@ def test_opening_a_migrated_store_again_changes_nothing(tmp_path):
         assert store.opened_version == 2 and store.count() == 3
 
 
-def test_several_openers_of_a_v1_store_migrate_it_once(tmp_path):
-    path = tmp_path / "old.db"
-    make_v1_store(path)
+def _open_at_once(path, count: int = 4) -> tuple[list[int], list[Exception]]:
+    """Open the store from `count` threads (each its own connection) at the same moment."""
     errors, versions = [], []
+    barrier = threading.Barrier(count)
 
     def open_store() -> None:
+        barrier.wait()
         try:
             with FeedbackStore(path) as store:
                 versions.append(store.opened_version)
-        except Exception as err:  # noqa: BLE001 - reported below
+        except Exception as err:  # noqa: BLE001 - reported by the caller
             errors.append(err)
 
-    threads = [threading.Thread(target=open_store) for _ in range(4)]
+    threads = [threading.Thread(target=open_store) for _ in range(count)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    return versions, errors
+
+
+def test_several_openers_of_a_v1_store_migrate_it_once(tmp_path):
+    path = tmp_path / "old.db"
+    make_v1_store(path)
+    versions, errors = _open_at_once(path)
     assert errors == []
     assert sorted(versions) == [1, 2, 2, 2]  # one of them migrated; the others found v2 under the lock
+
+
+def test_several_openers_of_a_new_store_create_it_once(tmp_path):
+    versions, errors = _open_at_once(tmp_path / "new.db")
+    assert errors == []
+    assert sorted(versions) == [0, 2, 2, 2]  # one created it from nothing
+    with FeedbackStore(tmp_path / "new.db") as store:
+        assert store.schema_version == 2 and store.count() == 0
 
 
 def test_a_failed_migration_leaves_the_store_as_it_was(tmp_path, monkeypatch):
