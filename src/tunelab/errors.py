@@ -26,3 +26,7 @@ class ConfigError(TunelabError):
 
 class DataError(TunelabError):
     """A data file is malformed: the message names the file, the line and the field."""
+
+
+class FeedbackError(TunelabError):
+    """A feedback store or feedback record is unusable: the message names the store or the file, line and field."""

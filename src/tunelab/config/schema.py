@@ -248,6 +248,20 @@ class TrainSection(Section):
         return prompts
 
 
+class FeedbackSection(Section):
+    """Where the job's language feedback is kept (see tunelab.feedback)."""
+
+    store: str = Field(description="the feedback store: an SQLite file or an sqlite:///path URL (`tunelab feedback "
+                       "... --config CONFIG` uses it)")
+
+    @field_validator("store")
+    @classmethod
+    def _store_given(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("feedback.store must not be empty")
+        return value
+
+
 class TrainConfig(Section):
     output_dir: str
     model: ModelSection
@@ -255,6 +269,7 @@ class TrainConfig(Section):
     data: DataSection
     method: MethodSection = Field(default_factory=MethodSection)
     train: TrainSection = Field(default_factory=TrainSection)
+    feedback: FeedbackSection | None = None
 
     @field_validator("output_dir")
     @classmethod
