@@ -90,17 +90,9 @@ def main() -> None:
         data = "../shared/data/multi30k_en_de"
         subprocess.run([sys.executable, "examples/seq2seq_tokenizer.py", "--out", MULTI30K_TOKENIZER, "--vocab-size",
                         "8000", f"{data}/train.en", f"{data}/train.de"], cwd=ROOT, check=True)
-    cmd = [sys.executable, "-m", "tunelab", "train", JOBS[args.job], f"output_dir={out}", *args.overrides, "--no-progress"]
-    if args.job in ("alpaca", "dialogsum"):
-        cmd.append("train.eval_at_start=true")
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    minutes = (time.perf_counter() - start) / 60
-    if proc.returncode != 0:
-        raise SystemExit(proc.stderr[-3000:])
+    extra = ["train.eval_at_start=true"] if args.job in ("alpaca", "dialogsum") else []
+    final, validation, minutes = run_config(JOBS[args.job], out, *args.overrides, *extra)
     history = [json.loads(line) for line in open(out / "metrics.jsonl")]
-    validation = [r for r in history if r["split"] == "validation"]
-    final = json.loads((out / "metrics.json").read_text())
     record = {"job": args.job, "time": stamp, "minutes": minutes, "final": {k: v for k, v in final.items()
               if isinstance(v, (int, float))}, "first_validation": validation[0] if validation else None}
     if args.job == "shakespeare":
