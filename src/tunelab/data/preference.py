@@ -110,8 +110,8 @@ def detect_preference_format(record: Record) -> str:
         return "sharegpt"
     if "prompt" in data:
         return "prompt"
-    if "chosen" in data and "rejected" in data:
-        return "hh-rlhf" if isinstance(data["chosen"], str) else "prompt"
+    if "chosen" in data or "rejected" in data:  # whole transcripts (strings) or conversations (lists)
+        return "hh-rlhf" if isinstance(data.get("chosen", data.get("rejected")), str) else "prompt"
     fields = ", ".join(repr(k) for k in list(data)[:10])
     raise DataError(f"{record.source}: cannot tell the preference format: expected 'chosen' and 'rejected' "
                     f"(with 'prompt', 'conversations', or whole hh-rlhf transcripts) or OpenAI's 'input' / "
