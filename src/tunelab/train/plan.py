@@ -88,8 +88,8 @@ def make_plan(config: TrainConfig, *, timing_steps: int = 4) -> Plan:
     spread = [order[round(k * (len(order) - 1) / max(1, timing_steps))] for k in range(timing_steps + 1)]
     chosen = [longest] + spread  # the longest for memory and warm-up, then batches across the epoch
     reference_seconds = evaluation_seconds = 0.0
-    if getattr(step, "needs_reference", False):
-        reference_seconds, evaluation_seconds = _time_reference(config, step, model, data, chosen, autocast)
+    if getattr(step, "needs_reference", False):  # the timed batches train with their reference log-probabilities
+        _time_reference(config, step, model, data, chosen, autocast)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=0.0)  # lr 0: state is allocated, weights do not move
     before = _rss_peak()
@@ -107,10 +107,13 @@ def make_plan(config: TrainConfig, *, timing_steps: int = 4) -> Plan:
             samples.append((padded, time.perf_counter() - start))
     # time ~ a + b * padded tokens, fitted on the timed batches, summed over every batch of the run
     fixed, per_token = _fit_line(samples)
-    epoch_seconds = sum(fixed + per_token * max(lengths[i] for i in b) * len(b) for b in order)
+    rows = getattr(step, "rows_per_example", 1)  # preference: a pair is two rows of its length at most
+    epoch_seconds = sum(fixed + per_token * max(lengths[i] for i in b) * len(b) * rows for b in order)
     run_seconds = epoch_seconds * total / steps_per_epoch
     seconds_per_step = run_seconds / total
     peak = _rss_peak()
+    if getattr(step, "needs_reference", False):  # timed again, warm: the first pass above paid the start-up
+        reference_seconds, evaluation_seconds = _time_reference(config, step, model, data, chosen, autocast)
     template = {}
     if config.task.type == "chat":
         template = chat_template_check(config, tokenizer)

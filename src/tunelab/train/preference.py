@@ -78,23 +78,27 @@ class _SequenceScorer:
         out = model(batch["input_ids"], batch["attention_mask"], heads=())
         return sequence_logps(out.hidden, batch["labels"], model.heads[self.head])
 
-    def reference_rows(self, features: Sequence[dict]) -> dict[str, dict]:
-        """{row kind: collated rows} whose log-probabilities the reference gives, one row per feature."""
+    def batch_logps(self, model, batch: dict) -> dict[str, torch.Tensor]:
+        """{row kind: log-probabilities [B]} of a collated batch of B features."""
         raise NotImplementedError
 
     @torch.inference_mode()
     def attach_reference(self, model, features: Sequence[dict], batch_size: int, autocast) -> int:
         """Compute the reference log-probabilities of every feature with `model` (the reference policy, e.g.
-        under lora_disabled) and keep them in the features as "reference_<kind>"; returns the rows scored."""
+        under lora_disabled) and keep them in the features as "reference_<kind>"; returns the rows scored.
+
+        The batches are the evaluation's (same rows, same padding), so that an untrained policy evaluated
+        later reproduces these numbers bit for bit: every reward is then exactly 0.
+        """
         was_training = model.training
         model.eval()
         device = next(model.parameters()).device
         rows = 0
         for indices in _eval_batches(features, batch_size):
             chunk = [features[i] for i in indices]
-            for kind, batch in self.reference_rows(chunk).items():
-                with autocast():
-                    logps, _ = self.row_logps(model, _to(batch, device))
+            with autocast():
+                values = self.batch_logps(model, _to(self.collate(chunk), device))
+            for kind, logps in values.items():
                 for feature, value in zip(chunk, logps.float().tolist()):
                     feature[f"reference_{kind}"] = value
                 rows += len(chunk)
@@ -120,8 +124,8 @@ class _SequenceScorer:
 
     def pop_train_metrics(self) -> dict[str, float]:
         """Means of the training rewards since the last call (then starts a new window)."""
-        out = {name: self._window[name] / max(1, self._window[f"{name}#"])
-               for name in self._window if not name.endswith("#")}
+        out = {name: self._window[name] / self._window[f"{name}#"]
+               for name in self._window if not name.endswith("#") and self._window[f"{name}#"]}
         self._window = {}
         return out
 
@@ -136,6 +140,7 @@ class PreferenceStep(_SequenceScorer):
     """
 
     main_metric, greater_is_better = "reward_accuracy", True
+    rows_per_example = 2  # a chosen and a rejected row per pair
 
     def __init__(self, loss: str = "dpo", *, beta: float | None = None, label_smoothing: float = 0.0,
                  gamma: float = 1.0, pad_token_id: int = 0) -> None:
@@ -161,10 +166,10 @@ class PreferenceStep(_SequenceScorer):
                 batch[f"reference_{kind}"] = reference
         return batch
 
-    def reference_rows(self, features):
-        prompts = [f["prompt_ids"] for f in features]
-        return {kind: _rows(prompts, [f[f"{kind}_ids"] for f in features], self.pad_token_id)
-                for kind in ("chosen", "rejected")}
+    def batch_logps(self, model, batch):
+        logps, _ = self.row_logps(model, batch)
+        pairs = logps.shape[0] // 2
+        return {"chosen": logps[:pairs], "rejected": logps[pairs:]}
 
     def num_targets(self, batch: dict) -> int:
         return batch["input_ids"].shape[0] // 2
@@ -246,15 +251,13 @@ class KTOStep(_SequenceScorer):
         self.beta = DEFAULT_BETA["kto"] if beta is None else beta
         self.desirable_weight, self.undesirable_weight = desirable_weight, undesirable_weight
 
-    def reference_rows(self, features):
-        prompts = [f["prompt_ids"] for f in features]
-        return {"completion": _rows(prompts, [f["completion_ids"] for f in features], self.pad_token_id),
-                "kl": _rows(prompts, [f["kl_ids"] for f in features], self.pad_token_id)}
-
     def collate(self, features: Sequence[dict]) -> dict:
-        rows = self.reference_rows(features)
-        batch = dict(rows["completion"])
-        batch.update({f"kl_{k}": v for k, v in rows["kl"].items()})
+        """B rows prompt + answer, and B rows prompt + the mismatched answer as kl_input_ids, kl_attention_mask
+        and kl_labels; desirable [B]; the cached reference log-probabilities when the features have them."""
+        prompts = [f["prompt_ids"] for f in features]
+        batch = _rows(prompts, [f["completion_ids"] for f in features], self.pad_token_id)
+        kl_rows = _rows(prompts, [f["kl_ids"] for f in features], self.pad_token_id)
+        batch.update({f"kl_{k}": v for k, v in kl_rows.items()})
         batch["desirable"] = torch.tensor([bool(f["desirable"]) for f in features])
         for kind in self.reference_keys:
             reference = self._reference(features, kind)
@@ -265,12 +268,18 @@ class KTOStep(_SequenceScorer):
     def num_targets(self, batch: dict) -> int:
         return batch["input_ids"].shape[0]
 
+    @staticmethod
+    def _kl_rows(batch: dict) -> dict:
+        return {"input_ids": batch["kl_input_ids"], "attention_mask": batch["kl_attention_mask"],
+                "labels": batch["kl_labels"]}
+
+    def batch_logps(self, model, batch):
+        return {"completion": self.row_logps(model, batch)[0], "kl": self.row_logps(model, self._kl_rows(batch))[0]}
+
     def example_output(self, model, batch: dict):
         logps, _ = self.row_logps(model, batch)
         with torch.no_grad():  # z0 is not back-propagated through: its rows need no graph
-            kl_batch = {"input_ids": batch["kl_input_ids"], "attention_mask": batch["kl_attention_mask"],
-                        "labels": batch["kl_labels"]}
-            kl_logps, _ = self.row_logps(model, kl_batch)
+            kl_logps, _ = self.row_logps(model, self._kl_rows(batch))
         out = kto_loss(logps, self._need(batch, "reference_completion"), batch["desirable"], kl_logps,
                        self._need(batch, "reference_kl"), beta=self.beta, desirable_weight=self.desirable_weight,
                        undesirable_weight=self.undesirable_weight)
@@ -295,11 +304,9 @@ class KTOStep(_SequenceScorer):
         for indices in _eval_batches(features, batch_size):
             batch = _to(self.collate([features[i] for i in indices]), device)
             with autocast():
-                logps, _ = self.row_logps(model, batch)
-                kl_logps, _ = self.row_logps(model, {"input_ids": batch["kl_input_ids"], "labels": batch["kl_labels"],
-                                                     "attention_mask": batch["kl_attention_mask"]})
-            ratios.append(logps.float() - self._need(batch, "reference_completion"))
-            kl_ratios.append(kl_logps.float() - self._need(batch, "reference_kl"))
+                values = self.batch_logps(model, batch)
+            ratios.append(values["completion"].float() - self._need(batch, "reference_completion"))
+            kl_ratios.append(values["kl"].float() - self._need(batch, "reference_kl"))
             labels.append(batch["desirable"])
         if not ratios:
             raise TunelabError("no examples to evaluate")
@@ -323,6 +330,7 @@ class RewardModelStep:
 
     head, main_metric, greater_is_better = "classifier", "reward_accuracy", True
     needs_reference = False
+    rows_per_example = 2
 
     def __init__(self, pad_token_id: int = 0) -> None:
         self.pad_token_id = pad_token_id
