@@ -160,6 +160,28 @@ def test_resumed_run_ends_where_an_uninterrupted_one_does(chat_llama_dir, short_
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_reference_cache_holds_each_split_for_its_rows_only(tmp_path):
+    from tunelab.train.preference import load_reference_cache, reference_fingerprint, save_reference_cache
+
+    step = PreferenceStep()
+    rows = [{"prompt_ids": [1, 2], "chosen_ids": [3], "rejected_ids": [4, 5], "reference_chosen": -1.5,
+             "reference_rejected": -2.25},
+            {"prompt_ids": [6], "chosen_ids": [7, 8], "rejected_ids": [9], "reference_chosen": -0.5,
+             "reference_rejected": -3.0}]
+    context = {"reference": "m", "dtype": "float32", "precision": "fp32", "method": "lora"}
+    fingerprint = reference_fingerprint(step, rows, context)
+    path = tmp_path / REFERENCE_FILE
+    save_reference_cache(path, {"train": (rows, fingerprint)}, step)
+    fresh = [{k: v for k, v in r.items() if not k.startswith("reference_")} for r in rows]
+    assert load_reference_cache(path, "train", step, fresh, fingerprint)
+    assert [(f["reference_chosen"], f["reference_rejected"]) for f in fresh] == [(-1.5, -2.25), (-0.5, -3.0)]
+    assert not load_reference_cache(path, "validation", step, fresh, fingerprint)  # another split
+    other_rows = [dict(fresh[0], chosen_ids=[3, 3]), fresh[1]]
+    assert reference_fingerprint(step, other_rows, context) != fingerprint  # other tokens
+    assert reference_fingerprint(step, rows, {**context, "precision": "bf16"}) != fingerprint  # another reference
+    assert not load_reference_cache(tmp_path / "none.safetensors", "train", step, fresh, fingerprint)
+
+
 # ------------------------------------------------------------------------------------------------ training
 
 
