@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import time
@@ -128,15 +129,17 @@ def main() -> None:
               + ", ".join(f"{k} {before[k]:.4f} -> {final[k]:.4f}" for k in ("rouge1", "rouge2", "rougeL", "loss"))
               + f" ({minutes:.1f} min)")
     elif args.job == "hh-dpo":
+        # before training the policy is its reference: loss ln 2, every implicit reward 0 (not evaluated)
         train_log = [r for r in history if r["split"] == "train"]
         record["validation_curve"] = [{k: r[k] for k in ("step", "reward_accuracy", "margin", "loss")} for r in validation]
         record["train_margin_first_last"] = [train_log[0]["margin"], train_log[-1]["margin"]]
-        print(f"SmolLM2-135M-Instruct LoRA DPO on HH-RLHF harmless-base ({final['pairs']} validation pairs): reward "
-              f"accuracy {validation[0]['reward_accuracy']:.4f} -> {final['reward_accuracy']:.4f}, margin "
-              f"{validation[0]['margin']:.4f} -> {final['margin']:.4f}, loss {validation[0]['loss']:.4f} -> "
-              f"{final['loss']:.4f} (best step {final['step']}, {minutes:.1f} min)")
-        print("validation by step: " + ", ".join(f"{r['step']}: acc {r['reward_accuracy']:.3f} margin {r['margin']:.3f}"
-                                                  for r in validation))
+        print(f"SmolLM2-135M-Instruct LoRA DPO on HH-RLHF harmless-base ({final['pairs']} validation pairs), "
+              f"{minutes:.1f} min: reward accuracy {final['reward_accuracy']:.4f}, margin {final['margin']:.4f}, "
+              f"loss {final['loss']:.4f} (best step {final['step']}; before training 0, 0, {math.log(2):.4f})")
+        print("validation by step: " + ", ".join(f"{r['step']}: accuracy {r['reward_accuracy']:.3f}, margin "
+                                                  f"{r['margin']:.3f}" for r in validation))
+        print(f"training pairs, margin of the first and last logging window: {train_log[0]['margin']:.3f} -> "
+              f"{train_log[-1]['margin']:.3f}")
     elif args.job == "xquad":
         print(f"XQuAD-en, held-out articles: exact match {final['exact_match']:.4f}, F1 {final['f1']:.4f} "
               f"({minutes:.1f} min)")
