@@ -47,6 +47,7 @@ bench: venv
 	$(PY) benchmarks/task_figures.py multi30k
 	$(PY) benchmarks/task_figures.py dialogsum
 	$(PY) benchmarks/task_figures.py dialogsum-bert2bert
+	$(PY) benchmarks/task_figures.py hh-dpo
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info

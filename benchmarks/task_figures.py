@@ -5,7 +5,8 @@ BERT pretraining on WikiText-2 (MLM and NSP accuracy, masked-token perplexity), 
 on rotten tomatoes against the same architecture from random initialisation, English-German translation on
 Multi30k with the Transformer from scratch (sacreBLEU BLEU / chrF on val, and the time of beam search over
 the 1,014 sentences), and DialogSum summarization by SmolLM2 with LoRA (ROUGE-1/2/L before / after) and by a BERT2BERT
-encoder-decoder warm-started from MiniLM-L6.
+encoder-decoder warm-started from MiniLM-L6, and LoRA DPO of SmolLM2-135M-Instruct on HH-RLHF harmless-base (reward
+accuracy and chosen - rejected margin of the held-out pairs, before and while training).
 
     python benchmarks/task_figures.py xquad
     python benchmarks/task_figures.py alpaca
@@ -14,12 +15,14 @@ encoder-decoder warm-started from MiniLM-L6.
     python benchmarks/task_figures.py multi30k      # trains the BPE tokenizer first if it is missing
     python benchmarks/task_figures.py dialogsum
     python benchmarks/task_figures.py dialogsum-bert2bert
+    python benchmarks/task_figures.py hh-dpo
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import time
@@ -30,7 +33,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 JOBS = {"xquad": "configs/xquad-minilm.yaml", "alpaca": "configs/alpaca-smollm2-lora.yaml",
         "shakespeare": "configs/tinyshakespeare-gpt.yaml", "bert-mlm": "configs/wikitext2-bert-mlm.yaml",
         "multi30k": "configs/multi30k-transformer.yaml", "dialogsum": "configs/dialogsum-smollm2-lora.yaml",
-        "dialogsum-bert2bert": "configs/dialogsum-bert2bert.yaml"}
+        "dialogsum-bert2bert": "configs/dialogsum-bert2bert.yaml", "hh-dpo": "configs/hh-rlhf-smollm2-dpo.yaml"}
 MULTI30K_TOKENIZER = "runs/tokenizers/multi30k-bpe8k"
 FINE_TUNE = "configs/rotten-tomatoes-bert-mlm.yaml"
 SMALL_BERT = ("{family: bert, hidden_size: 256, num_layers: 4, num_heads: 4, intermediate_size: 1024, "
@@ -125,6 +128,18 @@ def main() -> None:
         print(f"SmolLM2-135M-Instruct LoRA on DialogSum (450 train / 50 validation dialogues): "
               + ", ".join(f"{k} {before[k]:.4f} -> {final[k]:.4f}" for k in ("rouge1", "rouge2", "rougeL", "loss"))
               + f" ({minutes:.1f} min)")
+    elif args.job == "hh-dpo":
+        # before training the policy is its reference: loss ln 2, every implicit reward 0 (not evaluated)
+        train_log = [r for r in history if r["split"] == "train"]
+        record["validation_curve"] = [{k: r[k] for k in ("step", "reward_accuracy", "margin", "loss")} for r in validation]
+        record["train_margin_first_last"] = [train_log[0]["margin"], train_log[-1]["margin"]]
+        print(f"SmolLM2-135M-Instruct LoRA DPO on HH-RLHF harmless-base ({final['pairs']} validation pairs), "
+              f"{minutes:.1f} min: reward accuracy {final['reward_accuracy']:.4f}, margin {final['margin']:.4f}, "
+              f"loss {final['loss']:.4f} (best step {final['step']}; before training 0, 0, {math.log(2):.4f})")
+        print("validation by step: " + ", ".join(f"{r['step']}: accuracy {r['reward_accuracy']:.3f}, margin "
+                                                  f"{r['margin']:.3f}" for r in validation))
+        print(f"training pairs, margin of the first and last logging window: {train_log[0]['margin']:.3f} -> "
+              f"{train_log[-1]['margin']:.3f}")
     elif args.job == "xquad":
         print(f"XQuAD-en, held-out articles: exact match {final['exact_match']:.4f}, F1 {final['f1']:.4f} "
               f"({minutes:.1f} min)")

@@ -13,8 +13,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--data", action="append", metavar="FILE",
                    help="data file to evaluate on (default: the run's validation split); parallel text: "
                    "--data SOURCE --data TARGET")
-    p.add_argument("--task", choices=["classification", "tagging", "qa", "causal_lm", "chat", "recurrent_lm", "seq2seq"],
-                   help="task of a bare model (default: from its head)")
+    p.add_argument("--task", choices=["classification", "tagging", "qa", "causal_lm", "chat", "recurrent_lm", "seq2seq",
+                                      "preference", "kto", "reward_model"],
+                   help="task of a bare model (default: from its head); preference: DPO's implicit rewards "
+                   "against task.reference=MODEL")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=run)

@@ -10,9 +10,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-TaskType = Literal["classification", "tagging", "qa", "causal_lm", "chat", "masked_lm", "recurrent_lm", "seq2seq"]
+TaskType = Literal["classification", "tagging", "qa", "causal_lm", "chat", "masked_lm", "recurrent_lm", "seq2seq",
+                   "preference", "kto", "reward_model"]
 DataFormat = Literal["auto", "jsonl", "json", "csv", "tsv", "parquet", "txt", "conll", "squad", "alpaca", "sharegpt",
-                     "messages", "parallel"]
+                     "messages", "parallel", "hh-rlhf", "preference", "openai"]
+PREFERENCE_TASKS = ("preference", "kto", "reward_model")
+# data.format of the preference tasks: a record format (data/preference.py) or a file format with the records'
+# format told by their fields
+PREFERENCE_DATA_FORMATS = ("auto", "jsonl", "json", "parquet", "hh-rlhf", "preference", "sharegpt", "openai")
 GenerationMetric = Literal["bleu", "chrf", "rouge"]
 
 
@@ -121,7 +126,20 @@ class TaskSection(Section):
                              "with other boundaries and other random next segments")
 
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="seq2seq: label smoothing of the training loss "
-                                   "(0.1 in Vaswani et al. 2017)")
+                                   "(0.1 in Vaswani et al. 2017); preference with loss dpo / cdpo: the probability "
+                                   "that a preference label is flipped (conservative DPO, < 0.5)")
+    # learning from preferences (train/preference.py, losses/preference.py)
+    loss: Literal["dpo", "cdpo", "ipo", "simpo", "orpo"] = Field(
+        "dpo", description="preference: dpo (Rafailov et al. 2023), cdpo (dpo with label_smoothing), ipo (Azar et "
+        "al. 2023), simpo (Meng et al. 2024, no reference), orpo (Hong et al. 2024, no reference)")
+    beta: float | None = Field(None, gt=0.0, description="preference, kto: beta of DPO / KTO / SimPO, tau of IPO, "
+                               "lambda of ORPO (default 0.1; simpo 2.0)")
+    gamma: float = Field(1.0, ge=0.0, description="preference with loss simpo: the target reward margin")
+    desirable_weight: float = Field(1.0, gt=0.0, description="kto: lambda_D, the weight of desirable answers")
+    undesirable_weight: float = Field(1.0, gt=0.0, description="kto: lambda_U, the weight of undesirable answers")
+    reference: str | None = Field(
+        None, description="preference, kto: the reference model (a model source); default: the trained model with "
+        "its adapters off (lora, dora, qlora) or the model before training (full, freeze)")
     metrics: list[GenerationMetric] = Field(
         default_factory=list, description="seq2seq and chat: decode the validation inputs and score them with "
         "sacreBLEU's BLEU / chrF (0-100) or ROUGE-1/2/L (0-1), besides the loss",
@@ -133,6 +151,25 @@ class TaskSection(Section):
         if self.mask_token_fraction + self.random_token_fraction > 1.0 + 1e-9:
             raise ValueError(f"task.mask_token_fraction + task.random_token_fraction must be at most 1 "
                              f"(got {self.mask_token_fraction} + {self.random_token_fraction})")
+        return self
+
+    @model_validator(mode="after")
+    def _preference_options(self) -> "TaskSection":
+        if self.type != "preference" and self.loss != "dpo":
+            raise ValueError(f"task.loss ({self.loss}) chooses the loss of task preference, not {self.type}")
+        if self.type not in ("preference", "kto") and (self.beta is not None or self.reference is not None):
+            raise ValueError(f"task.beta and task.reference apply to the preference and kto tasks, not {self.type}")
+        if self.type == "preference":
+            if self.loss == "cdpo" and not self.label_smoothing:
+                raise ValueError("task.loss cdpo (conservative DPO) needs task.label_smoothing: the probability that "
+                                 "a label is flipped, e.g. 0.1")
+            if self.label_smoothing and self.loss not in ("dpo", "cdpo"):
+                raise ValueError(f"task.label_smoothing applies to loss dpo / cdpo, not {self.loss}")
+            if self.label_smoothing >= 0.5:
+                raise ValueError(f"task.label_smoothing is a label-flip probability: below 0.5 "
+                                 f"(got {self.label_smoothing})")
+            if self.reference is not None and self.loss in ("simpo", "orpo"):
+                raise ValueError(f"task.loss {self.loss} needs no reference model; drop task.reference")
         return self
 
     @model_validator(mode="after")
@@ -156,6 +193,8 @@ class DataSection(Section):
     token_column: int = Field(0, description="CoNLL: column of the words")
     tag_column: int = Field(-1, description="CoNLL: column of the tags (-1 = last)")
     max_length: int = Field(512, ge=8)
+    max_prompt_length: int | None = Field(None, ge=1, description="preference, kto, reward_model: tokens of the "
+                                          "prompt kept before the answers are cut (default: max_length / 2)")
     stride: int = Field(128, ge=0, description="qa: overlap between windows of a long context")
     context_tokens: int = Field(0, ge=0, description="tagging: sub-words of the neighbouring sentences on each side "
                                 "that the model sees as document context (FLERT); 0: the sentence alone")
@@ -294,6 +333,12 @@ class TrainConfig(Section):
         if data.instruction is not None and task != "chat":
             raise ValueError("data.instruction turns source/target pairs into chat turns: it applies to task chat "
                              "(a seq2seq model reads the source as it is)")
+        if task in PREFERENCE_TASKS and data.format not in PREFERENCE_DATA_FORMATS:
+            raise ValueError(f"data.format {data.format!r} holds no preference pairs; task {task} reads "
+                             f"{', '.join(PREFERENCE_DATA_FORMATS)}")
+        if task not in PREFERENCE_TASKS and data.format in ("hh-rlhf", "preference", "openai"):
+            raise ValueError(f"data.format {data.format} holds preference data: for task preference, kto or "
+                             f"reward_model, not {task}")
         if data.format == "parallel" and task not in ("seq2seq", "chat"):
             raise ValueError(f"data.format parallel (line-aligned source and target files) is for the seq2seq "
                              f"task, or chat with data.instruction; not {task}")

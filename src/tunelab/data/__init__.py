@@ -6,7 +6,8 @@
     >>> loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=PadCollator(tokenizer.pad_token_id))
 
 Modules: readers (formats, `Record`, `require`, splits), classification, tagging (CoNLL, BIO), qa (SQuAD,
-windows, answer post-processing), chat (alpaca / sharegpt / messages, SFT labels), text (causal LM,
+windows, answer post-processing), chat (alpaca / sharegpt / messages, SFT labels), preference (hh-rlhf,
+prompt / chosen / rejected, sharegpt and OpenAI preference pairs; KTO's labelled answers), text (causal LM,
 packing), pretraining (BERT: sentences, NSP pairs, 80/10/10 masking), collate (padding), samplers
 (length-grouped and random batches).
 """
@@ -16,6 +17,8 @@ from tunelab.data.classification import (ClassificationExample, discover_labels,
                                          load_classification)
 from tunelab.data.collate import PadCollator, pad_collate
 from tunelab.data.encoded import IGNORE_INDEX, EncodedDataset
+from tunelab.data.preference import (LabeledCompletion, PreferencePair, encode_labeled, encode_preferences,
+                                     load_labeled, load_preferences)
 from tunelab.data.pretraining import (MaskedLMCollator, MaskingSettings, PairSettings, encode_pretraining,
                                       load_documents, mask_tokens, split_sentences)
 from tunelab.data.qa import (QAExample, encode_qa_eval, encode_qa_train, postprocess_qa, read_squad,
@@ -26,7 +29,8 @@ from tunelab.data.tagging import TaggingExample, align_predictions, encode_taggi
 from tunelab.data.text import encode_causal_lm, load_text, pack_documents
 
 __all__ = [
-    "IGNORE_INDEX", "ClassificationExample", "Conversation", "EncodedDataset", "LengthGroupedSampler",
+    "IGNORE_INDEX", "ClassificationExample", "Conversation", "EncodedDataset", "LabeledCompletion", "LengthGroupedSampler",
+    "PreferencePair", "encode_labeled", "encode_preferences", "load_labeled", "load_preferences",
     "MaskedLMCollator", "MaskingSettings", "PadCollator", "PairSettings", "QAExample", "RandomBatchSampler", "Record", "TaggingExample", "align_predictions",
     "assistant_spans", "discover_labels", "encode_causal_lm", "encode_chat", "encode_classification",
     "encode_pretraining", "encode_qa_eval", "encode_qa_train", "encode_tagging", "load_chat",

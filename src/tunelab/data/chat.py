@@ -113,11 +113,13 @@ def _from_sharegpt(record: Record) -> list[dict[str, str]]:
     return messages
 
 
-def _from_messages(record: Record) -> list[dict[str, str]]:
+def _from_messages(record: Record, field: str = "messages") -> list[dict[str, str]]:
+    """The record's "messages" list; errors name it as `field` (where it sits in the user's record)."""
     raw = require(record, "messages", list)
+    name = field
     messages = []
     for k, message in enumerate(raw):
-        field = f"messages[{k}]"
+        field = f"{name}[{k}]"
         if not isinstance(message, dict):
             raise DataError(f"{record.source}: field '{field}': expected an object {{role, content}}")
         role = message.get("role")

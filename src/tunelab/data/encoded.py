@@ -36,7 +36,7 @@ class EncodedDataset:
     @property
     def lengths(self) -> list[int]:
         """Token count of every feature (what LengthGroupedSampler groups by)."""
-        return [feature.get("length", len(feature["input_ids"])) for feature in self.features]
+        return [feature["length"] if "length" in feature else len(feature["input_ids"]) for feature in self.features]
 
     def summary(self) -> str:
         """One line for logs: rows, examples, truncated and skipped counts."""

@@ -126,12 +126,35 @@ def evaluate_source(source: str, *, data: DataFiles = None, task: str | None = N
                      bptt=config.data.bptt, tokenizer=tokenizer, task=config.task)
     device = next(model.parameters()).device
     autocast = autocast_context(resolve_precision(config.train.precision, device), device)
+    batch_size = batch_size or config.train.eval_batch_size or config.train.batch_size
+    if getattr(step, "needs_reference", False):
+        _attach_reference(step, model, config, features, source, use_file, batch_size, autocast)
     with torch.inference_mode():
-        metrics = step.evaluate(model, features, batch_size or config.train.eval_batch_size or config.train.batch_size,
-                                autocast)
+        metrics = step.evaluate(model, features, batch_size, autocast)
     if config.task.type == "qa" and "loss" not in metrics:
         metrics = {"loss": _qa_loss(step, model, config, tokenizer, examples, autocast), **metrics}
     return metrics
+
+
+def _attach_reference(step, model, config: TrainConfig, features: list, source: str, use_file: bool,
+                      batch_size: int, autocast) -> None:
+    """Reference log-probabilities for DPO-style implicit rewards: a run's own cache for its validation split
+    when it matches; else computed with task.reference, the adapters switched off (a LoRA run), or a full
+    fine-tuning run's model.source."""
+    from tunelab.peft import lora_modules
+    from tunelab.train.preference import REFERENCE_FILE, attach_references, reference_context, reference_model
+    from tunelab.train.run import is_run_dir
+
+    run = is_run_dir(source)
+    reference = config.task.reference
+    if reference is None and run and not lora_modules(model):
+        reference = config.model.source  # a fully fine-tuned run: the model it started from
+    attach_references(step, model, {"data" if use_file else "validation": features}, batch_size=batch_size,
+                      autocast=autocast, context=reference_context(config),
+                      cache=Path(source) / REFERENCE_FILE if run and not use_file else None, save=False,
+                      reference=lambda: reference_model(model, source=reference, dtype=config.model.dtype,
+                                                        trained=True),
+                      log=lambda message: None)
 
 
 def _qa_loss(step, model, config, tokenizer, examples, autocast) -> float:
@@ -155,6 +178,9 @@ def predict_source(source: str, data: DataFiles, out: str, *, task: str | None =
         raise ConfigError(f"predict writes task predictions; for a {kind} model use `tunelab generate`")
     if kind == "masked_lm":
         raise ConfigError("predict writes task predictions; for a masked_lm model use `tunelab fill-mask`")
+    if kind in ("preference", "kto", "reward_model"):
+        raise ConfigError(f"predict writes task predictions; a {kind} model is scored on preference data with "
+                          f"`tunelab eval` (or generates with `tunelab generate`)")
     if kind in ("seq2seq", "chat"):
         records = _generated_records(model, tokenizer, config, batch_size)
         _write_jsonl(records, Path(out))

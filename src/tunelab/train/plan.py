@@ -41,6 +41,8 @@ class Plan:
     estimated_seconds: float
     peak_memory_bytes: int
     chat_template: dict = field(default_factory=dict)
+    reference_seconds: float = 0.0  # preference, kto: the reference pass over train + validation, once
+    evaluation_seconds: float = 0.0  # preference, kto: one evaluation of the validation set (forward only)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -85,6 +87,9 @@ def make_plan(config: TrainConfig, *, timing_steps: int = 4) -> Plan:
     longest = max(order, key=lambda b: max(lengths[i] for i in b) * len(b))
     spread = [order[round(k * (len(order) - 1) / max(1, timing_steps))] for k in range(timing_steps + 1)]
     chosen = [longest] + spread  # the longest for memory and warm-up, then batches across the epoch
+    reference_seconds = evaluation_seconds = 0.0
+    if getattr(step, "needs_reference", False):  # the timed batches train with their reference log-probabilities
+        _time_reference(config, step, model, data, chosen, autocast)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=0.0)  # lr 0: state is allocated, weights do not move
     before = _rss_peak()
@@ -102,10 +107,13 @@ def make_plan(config: TrainConfig, *, timing_steps: int = 4) -> Plan:
             samples.append((padded, time.perf_counter() - start))
     # time ~ a + b * padded tokens, fitted on the timed batches, summed over every batch of the run
     fixed, per_token = _fit_line(samples)
-    epoch_seconds = sum(fixed + per_token * max(lengths[i] for i in b) * len(b) for b in order)
+    rows = getattr(step, "rows_per_example", 1)  # preference: a pair is two rows of its length at most
+    epoch_seconds = sum(fixed + per_token * max(lengths[i] for i in b) * len(b) * rows for b in order)
     run_seconds = epoch_seconds * total / steps_per_epoch
     seconds_per_step = run_seconds / total
     peak = _rss_peak()
+    if getattr(step, "needs_reference", False):  # timed again, warm: the first pass above paid the start-up
+        reference_seconds, evaluation_seconds = _time_reference(config, step, model, data, chosen, autocast)
     template = {}
     if config.task.type == "chat":
         template = chat_template_check(config, tokenizer)
@@ -117,8 +125,27 @@ def make_plan(config: TrainConfig, *, timing_steps: int = 4) -> Plan:
         grad_accum=s.grad_accum, parameters=model.num_parameters(),
         trainable_parameters=sum(p.numel() for p in params), precision=str(amp).replace("torch.", "") if amp else "fp32",
         seconds_per_step=seconds_per_step, estimated_seconds=run_seconds,
-        peak_memory_bytes=max(peak, before), chat_template=template,
+        peak_memory_bytes=max(peak, before), chat_template=template, reference_seconds=reference_seconds,
+        evaluation_seconds=evaluation_seconds,
     )
+
+
+def _time_reference(config: TrainConfig, step, model, data, batches: list[list[int]], autocast) -> tuple[float, float]:
+    """(seconds of the reference pass over the training and validation rows, seconds of one evaluation), from the
+    forward-only rate of the reference pass over the timed batches' examples (which then train with them)."""
+    from tunelab.train.preference import reference_model
+
+    s = config.train
+    timed = [data.train.features[i] for i in sorted({i for b in batches for i in b})]
+    row_tokens = lambda features: sum(len(f["prompt_ids"]) * len(step.reference_keys) + sum(  # noqa: E731
+        len(f[f"{kind}_ids"]) for kind in step.reference_keys) for f in features)
+    start = time.perf_counter()
+    with reference_model(model, source=config.task.reference, dtype=config.model.dtype) as reference:
+        step.attach_reference(reference, timed, s.eval_batch_size or s.batch_size, autocast)
+    per_token = (time.perf_counter() - start) / max(1, row_tokens(timed))
+    validation = data.validation.features if data.validation is not None else []
+    evaluation = per_token * row_tokens(validation)
+    return per_token * row_tokens(data.train.features) + evaluation, evaluation
 
 
 def _fit_line(samples: list[tuple[int, float]]) -> tuple[float, float]:
@@ -178,6 +205,10 @@ def format_plan(plan: Plan) -> str:
         "(training only, measured on this machine)",
         f"peak memory    about {gib:.2f} GiB (process peak during a step on the longest batch)",
     ]
+    if plan.reference_seconds:
+        lines.insert(-2, f"reference      about {_duration(plan.reference_seconds)} once before training (reference "
+                         f"log-probabilities of the train and validation rows); each evaluation about "
+                         f"{_duration(plan.evaluation_seconds)}")
     if plan.chat_template:
         t = plan.chat_template
         verdict = "same as the model's" if t["same"] else "DIFFERENT from the model's"

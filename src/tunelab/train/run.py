@@ -9,6 +9,7 @@ Run directory:
     tensorboard/       TensorBoard event files
     checkpoint-N/      resumable checkpoints (trained weights, optimizer, scheduler, RNG, data position)
     checkpoint-best/   weights of the best evaluation so far
+    reference_logps.safetensors   preference, kto: the reference model's log-probabilities, computed once
     model/             the final model as a Hugging Face directory (full and freeze)
     adapter/           the final adapter in PEFT's format, with the tokenizer (lora, dora, qlora)
     metrics.json       the final validation metrics; report.md and plots/ with the curves
@@ -269,6 +270,81 @@ def _prepare_seq2seq(config: TrainConfig, tokenizer, labels) -> PreparedData:
     return PreparedData(encode(train), encode(validation) if validation else None, [], validation or [], len(train))
 
 
+def preference_formats(data_format: str) -> tuple[str, str]:
+    """(record format, file format) of a preference task's data.format (data/preference.py)."""
+    if data_format in ("jsonl", "json", "parquet"):
+        return "auto", data_format
+    return {"preference": "prompt"}.get(data_format, data_format), "auto"
+
+
+def read_preferences(config: TrainConfig, paths: list[str]) -> tuple[list, list[str]]:
+    """(PreferencePairs, skipped records with the reason) of `paths`, in the format data.format names."""
+    from tunelab.data.preference import load_preferences
+
+    record_format, file_format = preference_formats(config.data.format)
+    return load_preferences(paths, format=record_format, file_format=file_format)
+
+
+def read_labeled(config: TrainConfig, paths: list[str]) -> tuple[list, list[str]]:
+    """(LabeledCompletions, skipped) for KTO: labelled answers, and each preference pair as a good and a bad one."""
+    from tunelab.data.preference import load_labeled
+
+    record_format, file_format = preference_formats(config.data.format)
+    return load_labeled(paths, format=record_format, file_format=file_format)
+
+
+def _split_by_source(items: list, fraction: float, seed: int) -> tuple[list, list]:
+    """Hold out `fraction` of the records (by item.source), so that the examples of one record (KTO: a pair's
+    good and bad answer) stay on one side."""
+    from tunelab.data.readers import split_train_validation
+
+    sources = list(dict.fromkeys(item.source for item in items))
+    held_out = set(split_train_validation(sources, fraction, seed)[1])
+    return ([item for item in items if item.source not in held_out],
+            [item for item in items if item.source in held_out])
+
+
+def _with_skipped(rows, skipped: list[str]):
+    """Count the records the reader left out as skipped examples of the encoded rows."""
+    rows.num_examples += len(skipped)
+    rows.num_skipped += len(skipped)
+    rows.skipped_reasons = list(skipped) + rows.skipped_reasons
+    return rows
+
+
+def _prepare_preference(config: TrainConfig, tokenizer, labels) -> PreparedData:
+    """Preference pairs (task preference, and reward_model with the label "reward": a one-output scalar head)."""
+    from tunelab.data.preference import encode_preferences
+
+    d = config.data
+    train, skipped = read_preferences(config, d.train_paths())
+    validation, val_skipped = read_preferences(config, d.validation_paths()) if d.validation_paths() else (None, [])
+    train, validation = _split(config, train, validation)
+    train, validation = _limit(train, d.max_train_examples), _limit(validation, d.max_validation_examples)
+    reward_model = config.task.type == "reward_model"
+    encode = lambda pairs: encode_preferences(pairs, tokenizer, d.max_length,  # noqa: E731
+                                              max_prompt_length=d.max_prompt_length, special_tokens=reward_model)
+    train_rows = _with_skipped(encode(train), skipped)
+    val_rows = _with_skipped(encode(validation), val_skipped) if validation else None
+    return PreparedData(train_rows, val_rows, ["reward"] if reward_model else [], validation or [], len(train))
+
+
+def _prepare_kto(config: TrainConfig, tokenizer, labels) -> PreparedData:
+    """Labelled single answers for KTO; a pair's two answers stay in the same split."""
+    from tunelab.data.preference import encode_labeled
+
+    d = config.data
+    train, skipped = read_labeled(config, d.train_paths())
+    validation, val_skipped = read_labeled(config, d.validation_paths()) if d.validation_paths() else (None, [])
+    train, validation = _split(config, train, validation, splitter=_split_by_source)
+    train, validation = _limit(train, d.max_train_examples), _limit(validation, d.max_validation_examples)
+    encode = lambda examples, seed: encode_labeled(examples, tokenizer, d.max_length,  # noqa: E731
+                                                   max_prompt_length=d.max_prompt_length, seed=seed)
+    train_rows = _with_skipped(encode(train, config.train.seed), skipped)
+    val_rows = _with_skipped(encode(validation, config.train.seed + 1), val_skipped) if validation else None
+    return PreparedData(train_rows, val_rows, [], validation or [], len(train))
+
+
 # task type -> (config, tokenizer, labels) -> PreparedData; each task's data module does the reading and encoding
 DATA_PREPARERS = {
     "classification": _prepare_classification,
@@ -279,6 +355,9 @@ DATA_PREPARERS = {
     "masked_lm": _prepare_masked_lm,
     "recurrent_lm": _prepare_recurrent_lm,
     "seq2seq": _prepare_seq2seq,
+    "preference": _prepare_preference,
+    "kto": _prepare_kto,
+    "reward_model": _prepare_preference,
 }
 
 
@@ -288,6 +367,7 @@ DATA_PREPARERS = {
 HEADS_OF_TASK: dict[str, tuple[str, ...]] = {
     "classification": ("classifier",), "tagging": ("tagger",), "qa": ("qa",), "causal_lm": ("lm",), "chat": ("lm",),
     "masked_lm": ("mlm", "nsp"), "recurrent_lm": ("lm",), "seq2seq": ("lm",),
+    "preference": ("lm",), "kto": ("lm",), "reward_model": ("classifier",),  # a reward model: one output
 }
 
 
@@ -353,6 +433,12 @@ def check_task_fits_model(config: TrainConfig, model) -> None:
     if task in ("causal_lm", "chat") and model.is_recurrent:
         raise ConfigError(f"model {config.model.name}: a recurrent model learns language modelling with task "
                           f"recurrent_lm (a token stream with its state carried), not {task}")
+    if task in ("preference", "kto") and (not model.is_decoder or model.is_recurrent or model.is_encoder_decoder):
+        raise ConfigError(f"model {config.model.name} ({model.config.model_type}): task {task} scores the answers "
+                          f"with a Transformer decoder's language-model head (GPT-2, Llama family)")
+    if task == "reward_model" and (model.is_recurrent or model.is_encoder_decoder):
+        raise ConfigError(f"model {config.model.name} ({model.config.model_type}): a reward model is a Transformer "
+                          f"encoder or decoder with a scalar head")
 
 
 def build_or_load(config: TrainConfig, tokenizer=None):
@@ -602,6 +688,12 @@ def train(config: TrainConfig, *, resume: bool = False, show_progress: bool = Tr
     if not data.train.features:
         raise DataError(f"{config.data.train}: no training rows after encoding ({data.train.summary()})")
     log(f"train: {data.train.summary()}" + (f"; validation: {data.validation.summary()}" if data.validation else ""))
+    if config.task.type in ("preference", "kto", "reward_model"):
+        reasons = data.train.skipped_reasons + (data.validation.skipped_reasons if data.validation else [])
+        for reason in reasons[:5]:
+            log(f"  skipped {reason}")
+        if len(reasons) > 5:
+            log(f"  ... and {len(reasons) - 5} more skipped")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f"model: {config.model.name} ({model.config.model_type}), {model.num_parameters() / 1e6:.1f}M parameters, "
         f"{trainable / 1e6:.2f}M trainable ({config.method.type})")
@@ -639,6 +731,8 @@ def train(config: TrainConfig, *, resume: bool = False, show_progress: bool = Tr
     else:
         batches = Batches(data.train.features, make_sampler, collate)
     eval_rows = data.validation.features if data.validation is not None else None
+    if getattr(step, "needs_reference", False):
+        prepare_reference(step, model, config, data.train.features, eval_rows, run_dir, log=log)
     samples = None
     if s.sample_prompts:
         from tqdm.auto import tqdm
@@ -665,6 +759,23 @@ def train(config: TrainConfig, *, resume: bool = False, show_progress: bool = Tr
     (run_dir / "metrics.json").write_text(json.dumps(final, indent=2) + "\n")
     write_run_report(run_dir, config, final, trainer)
     return final
+
+
+def prepare_reference(step, model, config: TrainConfig, train_features: list, eval_features: list | None,
+                      run_dir: Path, *, log=print) -> dict[str, int]:
+    """The reference log-probabilities of every training and validation example, computed once before training
+    (the model is still untrained: LoRA adapters are switched off, a fully fine-tuned model is its own
+    reference) or read back from run_dir/reference_logps.safetensors (a resumed run)."""
+    from tunelab.train.preference import REFERENCE_FILE, attach_references, reference_context, reference_model
+    from tunelab.train.trainer import autocast_context, resolve_precision
+
+    s = config.train
+    device = next(model.parameters()).device
+    autocast = autocast_context(resolve_precision(s.precision, device), device)
+    return attach_references(
+        step, model, {"train": train_features, "validation": eval_features}, batch_size=s.eval_batch_size or s.batch_size,
+        autocast=autocast, context=reference_context(config), cache=run_dir / REFERENCE_FILE,
+        reference=lambda: reference_model(model, source=config.task.reference, dtype=config.model.dtype), log=log)
 
 
 def _trim_metrics(path: Path, step: int) -> None:

@@ -485,7 +485,8 @@ def beam_settings(task) -> Any:
 
 def make_step(task_type: str, *, labels=None, examples=None, max_answer_length=30, pad_token_id=0,
               nsp: bool = True, bptt: int = 35, tokenizer=None, task=None) -> TaskStep:
-    """The step of `task_type`; seq2seq (and chat with task.metrics) also need the tokenizer and the task section."""
+    """The step of `task_type`; seq2seq (and chat with task.metrics) also need the tokenizer and the task section,
+    as do the preference tasks (their loss and its settings)."""
     if task_type == "seq2seq":
         return Seq2SeqStep(tokenizer, examples, metrics=task.metrics if task else (),
                            settings=beam_settings(task) if task else None,
@@ -505,6 +506,18 @@ def make_step(task_type: str, *, labels=None, examples=None, max_answer_length=3
         return MaskedLMStep(nsp, pad_token_id)
     if task_type == "recurrent_lm":
         return RecurrentLMStep(pad_token_id, bptt)
+    if task_type in ("preference", "kto", "reward_model"):
+        from tunelab.train.preference import KTOStep, PreferenceStep, RewardModelStep
+
+        if task_type == "reward_model":
+            return RewardModelStep(pad_token_id)
+        if task_type == "kto":
+            return KTOStep(beta=task.beta if task else None, desirable_weight=task.desirable_weight if task else 1.0,
+                           undesirable_weight=task.undesirable_weight if task else 1.0, pad_token_id=pad_token_id)
+        if task is None:
+            return PreferenceStep(pad_token_id=pad_token_id)
+        return PreferenceStep(task.loss, beta=task.beta, label_smoothing=task.label_smoothing, gamma=task.gamma,
+                              pad_token_id=pad_token_id)
     raise ValueError(f"unknown task type {task_type!r}")
 
 

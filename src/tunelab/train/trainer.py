@@ -48,7 +48,9 @@ class TaskStep(Protocol):
     def evaluate(self, model, features: list[dict], batch_size: int, autocast) -> dict[str, Any]: ...
 
     # optional: a step that carries something from batch to batch (a recurrent LM's state) also has
-    # state_dict() -> dict and load_state_dict(dict), saved in and restored from resumable checkpoints
+    # state_dict() -> dict and load_state_dict(dict), saved in and restored from resumable checkpoints;
+    # a step with pop_train_metrics() -> {name: mean} has those values of its training batches since the
+    # last log line logged with the loss (preference tasks: reward accuracy and margin)
 
 
 @dataclass
@@ -198,6 +200,8 @@ class Trainer:
                             "lr": self.scheduler.get_last_lr()[0],
                             "tokens_per_second": window_tokens / max(elapsed, 1e-9),
                             "epoch": state.epoch + state.batch_in_epoch / max(1, self.batches_per_epoch),
+                            # a step may report more about its training batches (preference: rewards, margin)
+                            **(self.task.pop_train_metrics() if hasattr(self.task, "pop_train_metrics") else {}),
                         }
                         log.log(state.global_step, "train", values)
                         progress.set_postfix(
