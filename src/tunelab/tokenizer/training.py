@@ -26,7 +26,6 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import tokenizers
 from tokenizers import decoders, normalizers, pre_tokenizers, processors, trainers

@@ -389,10 +389,6 @@ def prepare_model(config: TrainConfig, labels: list[str], tokenizer=None):
     model, tokenizer = build_or_load(config, tokenizer)
     heads = task_heads(config)
     check_task_fits_model(config, model)
-    if config.task.type == "seq2seq" and not model.is_encoder_decoder:
-        raise ConfigError(f"model {config.model.name} ({model.config.model_type}) is not an encoder-decoder; task "
-                          f"seq2seq needs one: model.architecture with family seq2seq, a trained seq2seq model, or "
-                          f"a BERT model with model.warm_start: bert2bert")
     if labels:
         if heads[0] in model.heads and list(model.config.labels) != list(labels):
             del model.heads[heads[0]]  # a head trained for other labels: start a fresh one
@@ -425,7 +421,8 @@ def prepare_model(config: TrainConfig, labels: list[str], tokenizer=None):
 
 
 def check_task_fits_model(config: TrainConfig, model) -> None:
-    """Recurrent models train on token streams (recurrent_lm), Transformers on rows (causal_lm, chat)."""
+    """Recurrent models train on token streams (recurrent_lm), Transformers on rows (causal_lm, chat); seq2seq
+    needs an encoder-decoder."""
     task = config.task.type
     if task == "recurrent_lm" and not model.is_recurrent:
         raise ConfigError(f"model {config.model.name}: task recurrent_lm needs a recurrent model (family rnn); "
@@ -439,6 +436,10 @@ def check_task_fits_model(config: TrainConfig, model) -> None:
     if task == "reward_model" and (model.is_recurrent or model.is_encoder_decoder):
         raise ConfigError(f"model {config.model.name} ({model.config.model_type}): a reward model is a Transformer "
                           f"encoder or decoder with a scalar head")
+    if task == "seq2seq" and not model.is_encoder_decoder:
+        raise ConfigError(f"model {config.model.name} ({model.config.model_type}) is not an encoder-decoder; task "
+                          f"seq2seq needs one: model.architecture with family seq2seq, a trained seq2seq model, or "
+                          f"a BERT model with model.warm_start: bert2bert")
 
 
 def build_or_load(config: TrainConfig, tokenizer=None):
@@ -709,7 +710,9 @@ def train(config: TrainConfig, *, resume: bool = False, show_progress: bool = Tr
                      max_answer_length=config.task.max_answer_length, pad_token_id=pad_id, nsp=config.task.nsp,
                      bptt=config.data.bptt, tokenizer=tokenizer, task=config.task)
     lengths = data.train.lengths
-    collate = step.collate
+    collate, seeded = step.collate, False
+    if config.task.type == "masked_lm":  # masks drawn per batch from (seed, epoch, batch index)
+        collate, seeded = masking_collator(config, tokenizer), True
     if config.task.type == "recurrent_lm":
         from tunelab.data.stream import StreamBatchSampler, collate_stream_chunks
 
@@ -726,10 +729,7 @@ def train(config: TrainConfig, *, resume: bool = False, show_progress: bool = Tr
             data.train.features.set_epoch(epoch)  # ShiftingWindows: this epoch's cut of the text
         return sampler
 
-    if config.task.type == "masked_lm":  # masks drawn per batch from (seed, epoch, batch index)
-        batches = Batches(data.train.features, make_sampler, masking_collator(config, tokenizer), seeded=True)
-    else:
-        batches = Batches(data.train.features, make_sampler, collate)
+    batches = Batches(data.train.features, make_sampler, collate, seeded=seeded)
     eval_rows = data.validation.features if data.validation is not None else None
     if getattr(step, "needs_reference", False):
         prepare_reference(step, model, config, data.train.features, eval_rows, run_dir, log=log)

@@ -5,7 +5,6 @@ The Trainer calls num_targets / loss / evaluate; `predict` serves `tunelab predi
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Sequence
 
 import torch
