@@ -182,23 +182,32 @@ def tiny() -> SimpleNamespace:
 @pytest.fixture(scope="session")
 def wordpiece_tokenizer_dir(tmp_path_factory) -> Path:
     """A small uncased WordPiece tokenizer (2,000 pieces, BERT's special tokens and [CLS] A [SEP] B [SEP]
-    framing) trained on WikiText-2 valid.txt: BERT pretraining tests run fast with its small vocabulary."""
+    framing) over WikiText-2 valid.txt: BERT pretraining tests run fast with its small vocabulary.
+
+    Its pieces are the characters (alone and as "##" continuations) and the most frequent words, counted
+    here, so that it is the same in every run: the WordPiece trainer of `tokenizers` breaks ties between
+    equally frequent pairs in hash order, different in every process, and the tiny models trained on its
+    pieces then differ from run to run."""
+    from collections import Counter
+
     from tokenizers import Tokenizer as Backend
-    from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import decoders, models, normalizers, pre_tokenizers
 
     from tunelab.tokenizer import Tokenizer
+    from tunelab.tokenizer.training import add_bert_post_processor
 
     corpus = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2" / "valid.txt"
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    backend = Backend(models.WordPiece(unk_token="[UNK]"))
-    backend.normalizer = normalizers.BertNormalizer(lowercase=True)
-    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    backend.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(vocab_size=2000, special_tokens=specials, show_progress=False)
-    backend.train_from_iterator(corpus.read_text(encoding="utf-8").splitlines(), trainer)
-    cls, sep = backend.token_to_id("[CLS]"), backend.token_to_id("[SEP]")
-    backend.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    normalizer, splitter = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    words = Counter(word for line in corpus.read_text(encoding="utf-8").splitlines()
+                    for word, _ in splitter.pre_tokenize_str(normalizer.normalize_str(line)))
+    characters = sorted({c for word in words for c in word})
+    pieces = specials + characters + ["##" + c for c in characters]
+    frequent = sorted((w for w in words if len(w) > 1), key=lambda w: (-words[w], w))
+    pieces += frequent[: 2000 - len(pieces)]
+    backend = Backend(models.WordPiece({piece: i for i, piece in enumerate(pieces)}, unk_token="[UNK]"))
+    backend.normalizer, backend.pre_tokenizer, backend.decoder = normalizer, splitter, decoders.WordPiece()
+    add_bert_post_processor(backend)
     path = tmp_path_factory.mktemp("wordpiece-2000")
     names = ("pad_token", "unk_token", "cls_token", "sep_token", "mask_token")
     Tokenizer(backend, special_tokens=dict(zip(names, specials))).save(path)

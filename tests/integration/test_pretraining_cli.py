@@ -152,14 +152,13 @@ def test_the_pretrained_model_fine_tunes_for_classification(pretrained, tmp_path
         "task": {"type": "classification"},
         "data": {"train": str(SST2_DEV), "text_field": "sentence", "max_length": 32, "max_train_examples": 64,
                  "max_validation_examples": 32},
-        "train": {"max_steps": 40, "batch_size": 16, "lr": 1e-3, "precision": "fp32", "logging_steps": 4,
+        "train": {"max_steps": 60, "batch_size": 16, "lr": 5e-4, "schedule": "constant", "warmup": 0, "precision": "fp32", "logging_steps": 4,
                   "num_threads": 1},
     }
     run = train_run(tmp_path, config)
     losses = [r["loss"] for r in records(run, "train")]
-    # 10 epochs over 64 sentences: the head and the encoder fit them. (The WordPiece trainer breaks ties
-    # differently from one process to the next, so the exact losses vary between runs: compare windows.)
-    assert sum(losses[-3:]) / 3 < losses[0] - 0.1, losses
+    # 15 epochs over 64 sentences: the head and the encoder fit them (0.74 to 0.24 when this was written)
+    assert sum(losses[-3:]) / 3 < losses[0] - 0.3, losses
     saved = json.loads((run / "model" / "config.json").read_text())
     assert saved["architectures"] == ["BertForSequenceClassification"]
     final = json.loads((run / "metrics.json").read_text())

@@ -148,6 +148,8 @@ def train_tokenizer(
 
     backend, trainer = _pipeline(type, vocab_size, min_frequency, lowercase, specials, limit_alphabet, show_progress)
     backend.train_from_iterator(counted(), trainer)
+    if type == "wordpiece":
+        backend = _as_wordpiece(backend, specials)
     learned = backend.get_vocab_size(with_added_tokens=True)
     if learned <= len(specials):
         raise DataError(f"{where}: no text to train a tokenizer on ({counts['texts']} texts, "
@@ -210,17 +212,44 @@ def _pipeline(kind: str, vocab_size: int | None, min_frequency: int, lowercase: 
         backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first", split=True)
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
                                       show_progress=show_progress, **alphabet)
-    else:  # wordpiece
-        backend = tokenizers.Tokenizer(WordPiece(unk_token=BERT_SPECIALS["unk_token"], continuing_subword_prefix="##"))
+    else:  # wordpiece: BPE merges over "##"-marked continuations, then a WordPiece model over that vocabulary
+        # (what WordPieceTrainer does too, but it numbers the pieces in hash order, a different order in every
+        # process: `_as_wordpiece` numbers them the same way every time)
+        backend = tokenizers.Tokenizer(BPE(unk_token=BERT_SPECIALS["unk_token"], continuing_subword_prefix="##"))
         backend.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
                                                         strip_accents=None, lowercase=lowercase)
         backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         backend.decoder = decoders.WordPiece(prefix="##", cleanup=True)
-        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
-                                            continuing_subword_prefix="##", show_progress=show_progress, **alphabet)
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
+                                      continuing_subword_prefix="##", show_progress=show_progress, **alphabet)
     if lowercase and kind != "wordpiece":
         backend.normalizer = normalizers.Lowercase()
     return backend, trainer
+
+
+def _as_wordpiece(trained: tokenizers.Tokenizer, specials: list[str]) -> tokenizers.Tokenizer:
+    """The WordPiece tokenizer over a trained BPE's pieces, numbered reproducibly: the special tokens, then the
+    single characters, then their "##" continuations, then the longer pieces by length, each group in code
+    point order. (The BPE trainer breaks ties between equally frequent pairs in hash order, which differs
+    from one process to the next; WordPiece encodes by longest match, so the order of the ids changes
+    nothing but the ids.)"""
+    vocab = trained.get_vocab()
+
+    def rank(piece: str) -> tuple:
+        if piece in specials:
+            return (0, specials.index(piece), "")
+        stem = piece[2:] if piece.startswith("##") and len(piece) > 2 else piece
+        if len(stem) == 1:
+            return (1 if stem == piece else 2, 0, piece)
+        return (3, len(stem), piece)
+
+    ordered = {piece: i for i, piece in enumerate(sorted(vocab, key=rank))}
+    backend = tokenizers.Tokenizer(WordPiece(ordered, unk_token=BERT_SPECIALS["unk_token"],
+                                             continuing_subword_prefix="##", max_input_chars_per_word=100))
+    backend.normalizer = trained.normalizer
+    backend.pre_tokenizer = trained.pre_tokenizer
+    backend.decoder = trained.decoder
+    return backend
 
 
 def add_bert_post_processor(backend: tokenizers.Tokenizer) -> None:

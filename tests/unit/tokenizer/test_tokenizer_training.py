@@ -154,6 +154,20 @@ def test_wordpiece_cased_keeps_the_case(tmp_path):
     assert "Ein" in tokens and "ein" not in tokens
 
 
+def test_wordpiece_numbers_its_pieces_in_a_fixed_order(trained):
+    vocab = Tokenizer.from_dir(trained["wordpiece"]).get_vocab()
+    pieces = sorted(vocab, key=vocab.get)
+    assert pieces[:5] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+    def group(piece: str) -> tuple:
+        stem = piece[2:] if piece.startswith("##") and len(piece) > 2 else piece
+        return (1 if stem == piece else 2, 0, piece) if len(stem) == 1 else (3, len(stem), piece)
+
+    rest = pieces[5:]
+    assert rest == sorted(rest, key=group)  # characters, "##" characters, then longer pieces by length
+    assert group(rest[0])[0] == 1 and group(rest[-1])[0] == 3
+
+
 @pytest.mark.parametrize("kind,size", [("bpe", 700), ("byte-bpe", 600), ("wordpiece", 900)])
 def test_the_vocabulary_size_is_honoured(kind, size):
     tokenizer = train_tokenizer(SHAKESPEARE, type=kind, vocab_size=size)
