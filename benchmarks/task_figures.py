@@ -35,9 +35,10 @@ JOBS = {"xquad": "configs/xquad-minilm.yaml", "alpaca": "configs/alpaca-smollm2-
         "multi30k": "configs/multi30k-transformer.yaml", "dialogsum": "configs/dialogsum-smollm2-lora.yaml",
         "dialogsum-bert2bert": "configs/dialogsum-bert2bert.yaml", "hh-dpo": "configs/hh-rlhf-smollm2-dpo.yaml"}
 MULTI30K_TOKENIZER = "runs/tokenizers/multi30k-bpe8k"
+WIKITEXT_WORDPIECE = "runs/tokenizers/wikitext2-wordpiece8k"  # configs/wikitext2-bert-mlm.yaml's tokenizer
 FINE_TUNE = "configs/rotten-tomatoes-bert-mlm.yaml"
 SMALL_BERT = ("{family: bert, hidden_size: 256, num_layers: 4, num_heads: 4, intermediate_size: 1024, "
-              "max_position_embeddings: 128, hidden_dropout: 0.0, attention_dropout: 0.0}")  # as wikitext2-bert-mlm.yaml
+              "max_position_embeddings: 128, hidden_dropout: 0.1, attention_dropout: 0.1}")  # as wikitext2-bert-mlm.yaml
 
 
 def run_config(config: str, out: Path, *overrides: str) -> tuple[dict, list[dict], float]:
@@ -67,7 +68,7 @@ def bert_mlm(out: Path, overrides: list[str], stamp: str) -> dict:
           f"  NSP accuracy {before['nsp_accuracy']:.4f} -> {final['nsp_accuracy']:.4f} (best step {final['step']})")
     tuned, _, tuned_minutes = run_config(FINE_TUNE, out / "fine-tune", f"model.source={out / 'pretrain'}")
     scratch, _, scratch_minutes = run_config(FINE_TUNE, out / "scratch", "model.source=null",
-                                             f"model.architecture={SMALL_BERT}", "model.tokenizer=minilm-l6")
+                                             f"model.architecture={SMALL_BERT}", f"model.tokenizer={WIKITEXT_WORDPIECE}")
     print(f"rotten tomatoes (985 held-out sentences), the same architecture:\n"
           f"  pretrained above: accuracy {tuned['accuracy']:.4f}, macro F1 {tuned['f1']:.4f} ({tuned_minutes:.1f} min)\n"
           f"  random init:      accuracy {scratch['accuracy']:.4f}, macro F1 {scratch['f1']:.4f} ({scratch_minutes:.1f} min)")
@@ -84,6 +85,10 @@ def main() -> None:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = Path(f"/tmp/tunelab-bench/{args.job}-{stamp}")
     if args.job == "bert-mlm":
+        if not (ROOT / WIKITEXT_WORDPIECE / "tokenizer.json").exists():
+            subprocess.run([sys.executable, "-m", "tunelab", "tokenizer", "train", "--data",
+                            "../shared/data/wikitext2/valid.txt", "--type", "wordpiece", "--vocab-size", "8000",
+                            "--out", WIKITEXT_WORDPIECE], cwd=ROOT, check=True)
         record = bert_mlm(out, args.overrides, stamp)
         RESULTS.mkdir(parents=True, exist_ok=True)
         with open(RESULTS / "tasks.jsonl", "a", encoding="utf-8") as f:
