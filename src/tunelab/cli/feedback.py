@@ -1,4 +1,4 @@
-"""tunelab feedback import | export | stats | review: the feedback store from the command line."""
+"""tunelab feedback import | export | stats | review | build: the feedback store from the command line."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ STORE_HELP = "the feedback store: an SQLite file or sqlite:///path URL (default:
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("feedback", help="the feedback store: import, export, stats, review",
+    p = subparsers.add_parser("feedback", help="the feedback store: import, export, stats, review, build",
                               description=__doc__)
     commands = p.add_subparsers(dest="feedback_command", metavar="SUBCOMMAND")
 
@@ -54,6 +54,7 @@ def add_parser(subparsers) -> None:
     _add_store(r)
     _add_filters(r, verdict=False)
     r.set_defaults(run=run_review)
+    _add_build_parser(commands)
     p.set_defaults(run=lambda args: (p.print_help(), 2)[1])
 
 
@@ -204,4 +205,117 @@ def run_review(args: argparse.Namespace) -> int:
                   f"(and a correction if bad)" + (" among those the filters select" * bool(_filters(args))))
             return 0
     print(summary.line(waiting))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- build
+
+BUILD_KINDS = ("corrections", "relabel", "pairs", "unpaired", "refine")
+ROW_TASKS = ("chat", "seq2seq", "classification", "tagging", "preference", "reward_model", "kto")
+
+
+def _add_build_parser(commands) -> None:
+    b = commands.add_parser(
+        "build", help="turn records into training rows (corrections, relabel, pairs, unpaired, refine)",
+        description="Build training rows from the records that pass the filters: corrections (chat SFT rows: the "
+                    "input and the correction as the answer), relabel (classification / tagging rows with the "
+                    "corrected labels), pairs (prompt / chosen / rejected), unpaired (KTO: prompt / completion / "
+                    "label), refine (a model rewrites each bad output from its critique; the refinements are stored "
+                    "as corrections, then rows as for corrections). With --config, the store, the task, the field "
+                    "names and the config's data.feedback options are the defaults.")
+    b.add_argument("kind", choices=BUILD_KINDS, metavar="KIND", help=f"one of {', '.join(BUILD_KINDS)}")
+    b.add_argument("--out", "-o", required=True, metavar="FILE", help="the rows as JSON lines ('-': standard output)")
+    b.add_argument("--for", dest="task_type", choices=ROW_TASKS, metavar="TASK",
+                   help="the training task the rows are for (default: chat for corrections and refine, the records' "
+                        "task for relabel, preference for pairs, kto for unpaired; with --config its task.type)")
+    _add_store(b)
+    _add_filters(b)
+    o = b.add_argument_group("rows")
+    o.add_argument("--include-good", action=argparse.BooleanOptionalAction, default=None,
+                   help="train on good outputs as they are (default: yes for relabel, no otherwise)")
+    o.add_argument("--use-reference", action=argparse.BooleanOptionalAction, default=None,
+                   help="a bad record without a correction takes its reference (default: yes for relabel)")
+    o.add_argument("--labels", metavar="A,B,...", help="relabel: the label names; another one is an error")
+    o.add_argument("--min-margin", type=float, metavar="X", help="pairs from scores: differ by more than X (0)")
+    o.add_argument("--max-pairs-per-input", type=int, metavar="N", help="pairs: at most N of one input")
+    o.add_argument("--threshold", type=float, metavar="T", help="unpaired: a score without a verdict of at least "
+                   "T is desirable")
+    o.add_argument("--no-corrections", dest="include_corrections", action="store_false", default=None,
+                   help="unpaired: corrections are not added as desirable answers")
+    f = b.add_argument_group("refine")
+    f.add_argument("--refine-model", metavar="MODEL", help="the model that refines (default: with --config its "
+                   "model.source, else each record's own model)")
+    f.add_argument("--refine-prompt", metavar="FILE", help="a prompt template with {input}, {output}, {critique} "
+                   "(and {reference})")
+    f.add_argument("--max-new-tokens", type=int, metavar="N", help="longest refinement (256)")
+    f.add_argument("--batch-size", type=int, metavar="N", help="prompts decoded at once (8)")
+    f.add_argument("--keep-truncated", action="store_true", default=None, help="keep refinements cut off at "
+                   "--max-new-tokens")
+    f.add_argument("--verifier", metavar="MODULE:FUNCTION", help="keep only refinements this verifier passes")
+    f.add_argument("--min-score", type=float, metavar="X", help="verifier with scores only: the least that passes "
+                   "(0.5)")
+    f.add_argument("--no-progress", action="store_true", help="no progress bar")
+    b.set_defaults(run=run_build)
+
+
+def _build_options(args: argparse.Namespace) -> dict:
+    """build_training_data's keyword arguments: the config's (with --config), then the options given."""
+    from dataclasses import replace
+    from pathlib import Path
+
+    from tunelab.feedback.build import RefineSettings, RowFields, build_options
+
+    options: dict = {}
+    config = None
+    if args.config:
+        from tunelab.config.loading import load_config
+        from tunelab.config.schema import TrainConfig
+
+        config = load_config(TrainConfig, args.config)
+        if config.data.feedback is not None and config.data.feedback.build == args.kind:
+            options = build_options(config)
+        else:
+            options = {"task_type": config.task.type, "fields": RowFields.of(config.data)}
+        if config.task.labels is not None:
+            options["labels"] = config.task.labels
+    options.update(_filters(args))
+    given = {"task_type": args.task_type, "include_good": args.include_good, "use_reference": args.use_reference,
+             "min_margin": args.min_margin, "max_pairs_per_input": args.max_pairs_per_input,
+             "threshold": args.threshold, "include_corrections": args.include_corrections,
+             "labels": [name.strip() for name in args.labels.split(",") if name.strip()] if args.labels else None}
+    options.update({key: value for key, value in given.items() if value is not None})
+    if args.kind == "refine":
+        settings = options.get("refine") or RefineSettings(model=config.model.source if config else None)
+        prompt = None
+        if args.refine_prompt:
+            try:
+                prompt = Path(args.refine_prompt).read_text(encoding="utf-8")
+            except OSError as err:
+                raise FeedbackError(f"{args.refine_prompt}: cannot read the refine prompt: {err.strerror or err}") \
+                    from None
+        changes = {"model": args.refine_model, "prompt": prompt, "max_new_tokens": args.max_new_tokens,
+                   "batch_size": args.batch_size, "keep_truncated": args.keep_truncated, "verifier": args.verifier,
+                   "min_score": args.min_score}
+        options["refine"] = replace(settings, show_progress=not args.no_progress,
+                                    **{key: value for key, value in changes.items() if value is not None})
+    return options
+
+
+def run_build(args: argparse.Namespace) -> int:
+    from tunelab.feedback.build import build_training_data
+
+    options = _build_options(args)
+    to_stdout = args.out == "-"
+    report = (lambda line: print(line, file=sys.stderr)) if to_stdout else print
+    with _open(args) as store:
+        result = build_training_data(store, args.kind, log=report, **options)
+    if to_stdout:
+        for row in result.rows:
+            print(json.dumps(row, ensure_ascii=False))
+    else:
+        result.write(args.out)
+    for line in result.report.lines():
+        report(line)
+    if not to_stdout:
+        print(f"wrote {len(result.rows)} row{'s' * (len(result.rows) != 1)} to {args.out}")
     return 0

@@ -18,6 +18,25 @@ def run(args: argparse.Namespace) -> int:
     from tunelab.train.plan import format_plan, make_plan
     from tunelab.train.run import load_train_config
 
-    plan = make_plan(load_train_config(args.config, args.overrides))
+    config = load_train_config(args.config, args.overrides)
+    if config.data.feedback is not None:
+        plan = _plan_on_feedback(config, quiet=args.json)
+    else:
+        plan = make_plan(config)
     print(json.dumps(plan.to_dict(), indent=2) if args.json else format_plan(plan))
     return 0
+
+
+def _plan_on_feedback(config, *, quiet: bool):
+    """The plan of a run on rows built from the feedback store: built into a temporary directory (a plan writes
+    nothing to output_dir, and refines nothing)."""
+    import sys
+    import tempfile
+
+    from tunelab.feedback.build import build_run_data
+    from tunelab.train.plan import make_plan
+
+    log = (lambda line: print(line, file=sys.stderr)) if quiet else print
+    with tempfile.TemporaryDirectory(prefix="tunelab-plan-") as directory:
+        config, _ = build_run_data(config, directory=directory, refine=False, show_progress=False, log=log)
+        return make_plan(config.model_copy(update={"output_dir": directory}))

@@ -32,6 +32,10 @@ def run(args: argparse.Namespace) -> int:
         if not args.config:
             raise TunelabError("give a config file (tunelab train CONFIG.yaml) or --resume RUN_DIR")
         config = load_train_config(args.config, args.overrides)
+        if config.data.feedback is not None:  # rows built from the feedback store into the run directory first
+            from tunelab.feedback.build import build_run_data
+
+            config, _ = build_run_data(config, show_progress=not args.no_progress)
         final = train(config, show_progress=not args.no_progress)
     shown = {k: v for k, v in final.items() if isinstance(v, (int, float))}
     print(json.dumps(shown, indent=2))

@@ -180,8 +180,100 @@ class TaskSection(Section):
         return self
 
 
+# ---- training data built from the feedback store (tunelab.feedback.build) -----------------------------------
+
+FeedbackBuild = Literal["corrections", "relabel", "pairs", "unpaired", "refine"]
+# the training tasks that each way of building rows from the feedback store makes data for
+FEEDBACK_BUILD_TASKS: dict[str, tuple[str, ...]] = {
+    "corrections": ("chat", "seq2seq"),
+    "relabel": ("classification", "tagging"),
+    "pairs": ("preference", "reward_model", "kto"),
+    "unpaired": ("kto",),
+    "refine": ("chat",),
+}
+FeedbackSource = Literal["person", "rule", "reward_model", "gold", "judge"]
+
+
+class RefineSection(Section):
+    """data.feedback.refine: how a model rewrites bad outputs from their critiques (Scheurer et al. 2023)."""
+
+    model: str | None = Field(None, description="the model that writes the refinements (a model source); default: "
+                              "the trained model, model.source")
+    prompt: str | None = Field(None, description="the prompt template, with {input}, {output}, {critique} and "
+                               "optionally {reference}; default: tunelab.feedback.build.REFINE_PROMPT")
+    max_new_tokens: int = Field(256, ge=1, description="longest refinement in tokens")
+    batch_size: int = Field(8, ge=1, description="prompts decoded at once (greedy)")
+    keep_truncated: bool = Field(False, description="keep a refinement cut off at max_new_tokens (default: drop it)")
+    verifier: str | None = Field(None, description="module:function (or file.py:function) that judges each "
+                                 "refinement; only those it passes are stored and trained on")
+    min_score: float = Field(0.5, description="verifier: the least score that passes when it gives a score only")
+
+
+class FeedbackDataSection(Section):
+    """data.feedback: the training rows built from the records of the feedback store (feedback.store)."""
+
+    build: FeedbackBuild = Field(description="corrections (chat / seq2seq SFT on the corrected outputs), relabel "
+                                 "(classification / tagging with corrected labels), pairs (preference pairs), "
+                                 "unpaired (KTO's good / bad answers), refine (a model rewrites bad outputs from "
+                                 "their critiques, then as corrections)")
+    # which records: the store's filters
+    model: str | None = Field(None, description="records of this model")
+    model_version: str | None = Field(None, description="records of this model version")
+    source: FeedbackSource | list[FeedbackSource] | None = Field(None, description="records from this source "
+                                                                 "(or these)")
+    verdict: Literal["good", "bad", "none"] | None = Field(None, description="records with this verdict (none: "
+                                                           "scored only)")
+    task: str | None = Field(None, description="records of this task")
+    since: str | None = Field(None, description="records created at or after: 2025-01-31, 2025-01-31T09:00, or an "
+                              "age: 30m, 24h, 7d")
+    until: str | None = Field(None, description="records created before this time")
+    # how records become rows
+    include_good: bool | None = Field(None, description="train on good outputs as they are (default: true for "
+                                      "relabel, false for corrections and refine)")
+    use_reference: bool | None = Field(None, description="a bad record without a correction takes its reference "
+                                       "as the correction (default: true for relabel, where the reference is the "
+                                       "gold label; false otherwise)")
+    min_margin: float = Field(0.0, ge=0.0, description="pairs from scores: the higher score must exceed the lower "
+                              "by more than this")
+    max_pairs_per_input: int | None = Field(None, ge=1, description="pairs: at most this many pairs of one input")
+    threshold: float | None = Field(None, description="unpaired: a record with a score and no verdict is "
+                                    "desirable when its score is at least this")
+    include_corrections: bool = Field(True, description="unpaired: each correction is also a desirable answer")
+    refine: RefineSection | None = Field(None, description="build refine: the refining model and its prompt")
+    # the original data, so that training on feedback does not forget the rest
+    mix_with: str | list[str] | None = Field(None, description="original training file(s) mixed into the rows")
+    mix_ratio: float | None = Field(None, gt=0.0, description="original examples per feedback row, sampled "
+                                    "(default: all of mix_with)")
+
+    def mix_paths(self) -> list[str]:
+        if self.mix_with is None:
+            return []
+        return [self.mix_with] if isinstance(self.mix_with, str) else list(self.mix_with)
+
+    def filters(self) -> dict[str, Any]:
+        """The store's query filters this section gives (FeedbackStore.query)."""
+        names = ("model", "model_version", "source", "verdict", "task", "since", "until")
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+
+    @model_validator(mode="after")
+    def _options_of_kind(self) -> "FeedbackDataSection":
+        kind = self.build
+        if self.refine is not None and kind != "refine":
+            raise ValueError(f"data.feedback.refine configures build refine, not {kind}")
+        if kind != "pairs" and (self.min_margin or self.max_pairs_per_input is not None):
+            raise ValueError(f"data.feedback.min_margin and max_pairs_per_input apply to build pairs, not {kind}")
+        if self.threshold is not None and kind != "unpaired":
+            raise ValueError(f"data.feedback.threshold labels scored records for build unpaired, not {kind}")
+        if self.mix_ratio is not None and self.mix_with is None:
+            raise ValueError("data.feedback.mix_ratio samples data.feedback.mix_with: give the original training "
+                             "file there")
+        return self
+
+
 class DataSection(Section):
-    train: str | list[str] = Field(description="training file(s)")
+    train: str | list[str] | None = Field(
+        None, description="training file(s); with data.feedback nothing (or the word feedback): the rows are built "
+        "from the feedback store")
     validation: str | list[str] | None = Field(None, description="validation file(s); default: validation_split of train")
     validation_split: float = Field(0.1, ge=0.0, lt=1.0, description="held-out fraction of train when no validation file")
     format: DataFormat = "auto"
@@ -217,6 +309,9 @@ class DataSection(Section):
     )
     max_train_examples: int | None = Field(None, ge=1)
     max_validation_examples: int | None = Field(None, ge=1)
+    feedback: FeedbackDataSection | None = Field(
+        None, description="train on rows built from the feedback store (feedback.store): corrections, relabel, "
+        "pairs, unpaired or refine; see tunelab.feedback.build")
 
     def train_paths(self) -> list[str]:
         return [self.train] if isinstance(self.train, str) else list(self.train)
@@ -351,4 +446,43 @@ class TrainConfig(Section):
                 if value is not None and len(files) not in (1, 2):
                     raise ValueError(f"data.{key}: format parallel reads two line-aligned files, given as "
                                      f"[source file, target file] (to predict: the source file alone)")
+        return self
+
+    @model_validator(mode="after")
+    def _feedback_data(self) -> "TrainConfig":
+        """data.train, or data.feedback (rows built from feedback.store) that fit the task."""
+        data, built = self.data, self.data.feedback
+        if built is None:
+            if data.train is None:
+                raise ValueError("data.train: give the training file(s), or data.feedback to build the training rows "
+                                 "from the feedback store")
+            if data.train == "feedback":
+                raise ValueError("data.train: feedback builds the training rows from the feedback store: it needs a "
+                                 "data.feedback section, e.g. {build: corrections}")
+            return self
+        task, kind = self.task.type, built.build
+        if self.feedback is None:
+            raise ValueError("data.feedback builds the training rows from the feedback store: say which store with "
+                             "feedback.store")
+        if data.train not in (None, "feedback"):
+            raise ValueError(f"data.train and data.feedback both give the training data; to train on the feedback "
+                             f"rows and {data.train}, give the file as data.feedback.mix_with")
+        if task not in FEEDBACK_BUILD_TASKS[kind]:
+            fits = [k for k, tasks in FEEDBACK_BUILD_TASKS.items() if task in tasks]
+            hint = f"; for task {task} build {' or '.join(fits)}" if fits else f"; task {task} cannot train on feedback"
+            raise ValueError(f"data.feedback.build {kind} makes rows for task {' or '.join(FEEDBACK_BUILD_TASKS[kind])}, "
+                             f"not {task}{hint}")
+        if data.format != "auto":
+            raise ValueError(f"data.format {data.format!r}: with data.feedback the rows are jsonl and the validation "
+                             f"and mix_with files are read by their extension and fields (data.format auto)")
+        for name, value in (("data.instruction", data.instruction), ("data.text_pair_field", data.text_pair_field),
+                            ("model.train_tokenizer", self.model.train_tokenizer)):
+            if value is not None:
+                raise ValueError(f"{name} does not apply to rows built from feedback (data.feedback)")
+        if data.context_tokens:
+            raise ValueError("data.context_tokens reads the neighbouring sentences of a document; rows built from "
+                             "feedback are single sentences")
+        if kind == "refine" and self.model.source is None and (built.refine is None or built.refine.model is None):
+            raise ValueError("data.feedback.refine.model: a model built from scratch cannot write refinements; name "
+                             "a chat model")
         return self

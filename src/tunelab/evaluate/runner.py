@@ -44,6 +44,7 @@ def _source_config(source: str, data: DataFiles, task: str | None, overrides: li
             raw["task"]["nsp"] = "nsp" in model.heads
     if data is not None:
         raw["data"]["train"] = list(data) if isinstance(data, (list, tuple)) else data
+        raw["data"]["feedback"] = None  # the file given, not the rows a run built from the feedback store
         raw["data"]["validation"] = None
         raw["data"]["validation_split"] = 0.0
         raw["data"]["max_train_examples"] = None

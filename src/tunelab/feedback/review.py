@@ -1,8 +1,9 @@
 """People reviewing model outputs in a terminal: `tunelab feedback review`.
 
-The loop shows each record that needs a person (no person's verdict yet, or a bad one without a
-correction, which stays in the queue until someone writes one): the input, the output, the reference if
-there is one, and what was said of it so far. Keys:
+The loop shows each record that needs a person (no person's verdict yet, a bad one without a
+correction, which stays in the queue until someone writes one, or a correction a model wrote from the
+critique, `tunelab feedback build refine`, that no person has seen): the input, the output, the reference if
+there is one, and what was said of it so far. A verdict keeps a model's correction, `e` replaces it. Keys:
 
     a  accept: verdict good, from a person
     r  reject: verdict bad, from a person
@@ -24,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tunelab.errors import FeedbackError
-from tunelab.feedback.record import FeedbackRecord
+from tunelab.feedback.record import FeedbackRecord, utc_now
 from tunelab.feedback.store import FeedbackStore
 
 PROMPT = "[a]ccept [r]eject [c]ritique [e] correction [s]kip [q]uit > "
@@ -78,7 +79,26 @@ def review(store: FeedbackStore, read_line: Callable[[str], str | None], write: 
 def _needs_review(record: FeedbackRecord, unjudged_only: bool) -> bool:
     """The store's needs_review / unjudged filters, for one record read again."""
     unjudged = record.source != "person"
-    return unjudged or (not unjudged_only and record.verdict == "bad" and record.correction is None)
+    return unjudged or (not unjudged_only and ((record.verdict == "bad" and record.correction is None)
+                                               or unreviewed_refinement(record)))
+
+
+def unreviewed_refinement(record: FeedbackRecord) -> bool:
+    """The record's correction was written by a model (feedback/build.py's refine) and no person has seen it."""
+    refinement = record.metadata.get("refinement")
+    return isinstance(refinement, dict) and refinement.get("reviewed") is False
+
+
+def _mark_reviewed(store: FeedbackStore, record: FeedbackRecord) -> None:
+    """A person answered on a record with a model's refinement: it is reviewed (kept, or replaced by 'e')."""
+    if not unreviewed_refinement(record):
+        return
+
+    def change(current: FeedbackRecord) -> dict:
+        refinement = {**current.metadata.get("refinement", {}), "reviewed": True, "reviewed_at": utc_now()}
+        return {"metadata": {**current.metadata, "refinement": refinement}}
+
+    store.modify(record.id, change)
 
 
 def _ask(store: FeedbackStore, record: FeedbackRecord, read_line: Callable[[str], str | None],
@@ -98,6 +118,7 @@ def _ask(store: FeedbackStore, record: FeedbackRecord, read_line: Callable[[str]
             summary.skipped.append(record.id)
             return True
         if key in ("a", "r"):
+            _mark_reviewed(store, record)
             record = store.judge(record.id, verdict="good" if key == "a" else "bad")
             (summary.accepted if key == "a" else summary.rejected).append(record.id)
             write(f"  saved: {'good' if key == 'a' else 'bad'}\n")
@@ -112,6 +133,7 @@ def _ask(store: FeedbackStore, record: FeedbackRecord, read_line: Callable[[str]
             summary.critiqued.append(record.id)
             write("  saved: critique\n")
             continue
+        _mark_reviewed(store, record)
         record = store.judge(record.id, verdict="bad", correction=text)
         summary.corrected.append(record.id)
         write("  saved: correction (verdict bad)\n")
@@ -149,7 +171,10 @@ def show(record: FeedbackRecord, position: int, total: int) -> str:
     if record.critique:
         parts += ["critique:", _indent(record.critique)]
     if record.correction:
-        parts += ["correction:", _indent(record.correction)]
+        refinement = record.metadata.get("refinement")
+        by = (f" (refined by {refinement.get('model')}{', not reviewed yet' * (refinement.get('reviewed') is False)};"
+              f" e replaces it)") if isinstance(refinement, dict) else ""
+        parts += [f"correction{by}:", _indent(record.correction)]
     return "\n".join(parts) + "\n"
 
 

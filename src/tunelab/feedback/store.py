@@ -37,8 +37,10 @@ DEFAULT_STORE = "feedback.db"
 # Columns in the order of the SELECTs below (all of schema v2).
 _COLUMNS = ("id", "input", "input_format", "output", "model", "model_version", "verdict", "score", "critique",
             "correction", "source", "task", "reference", "metadata", "created_at", "updated_at")
-# What `tunelab feedback review` shows: no person's verdict yet, or a bad verdict that has no correction.
-_NEEDS_REVIEW = "source != 'person' OR (verdict = 'bad' AND correction IS NULL)"
+# What `tunelab feedback review` shows: no person's verdict yet, a bad verdict that has no correction, or a
+# correction that a model wrote (a refinement, feedback/build.py) and no person has reviewed yet.
+_UNREVIEWED_REFINEMENT = "json_extract(metadata, '$.refinement.reviewed') = 0"
+_NEEDS_REVIEW = f"source != 'person' OR (verdict = 'bad' AND correction IS NULL) OR {_UNREVIEWED_REFINEMENT}"
 _PAGE = 500  # rows read at a time by iter_query
 _UPDATABLE = ("input", "output", "model", "model_version", "verdict", "score", "critique", "correction", "source",
               "task", "reference", "metadata", "updated_at")

@@ -10,6 +10,8 @@ Run directory:
     checkpoint-N/      resumable checkpoints (trained weights, optimizer, scheduler, RNG, data position)
     checkpoint-best/   weights of the best evaluation so far
     reference_logps.safetensors   preference, kto: the reference model's log-probabilities, computed once
+    feedback_data.jsonl  data.feedback: the training rows built from the feedback store (tunelab.feedback.build)
+    mix_data.jsonl     data.feedback.mix_with: the original examples mixed in
     model/             the final model as a Hugging Face directory (full and freeze)
     adapter/           the final adapter in PEFT's format, with the tokenizer (lora, dora, qlora)
     metrics.json       the final validation metrics; report.md and plots/ with the curves
@@ -35,6 +37,8 @@ from tunelab.errors import ConfigError, DataError, TunelabError
 
 CONFIG_FILE = "config.yaml"
 TOKENIZER_DIR = "tokenizer"
+FEEDBACK_DATA_FILE = "feedback_data.jsonl"
+MIX_DATA_FILE = "mix_data.jsonl"
 
 
 @dataclass
@@ -77,7 +81,30 @@ def prepare_data(config: TrainConfig, tokenizer, *, labels: list[str] | None = N
     preparer = DATA_PREPARERS.get(config.task.type)
     if preparer is None:
         raise ConfigError(f"task.type {config.task.type!r} is not trainable yet")
+    config = with_feedback_rows(config)
     return preparer(config, tokenizer, labels or config.task.labels)
+
+
+def feedback_data_files(config: TrainConfig) -> list[Path]:
+    """The files in the run directory that hold the training rows of data.feedback: the rows built from the store,
+    and with data.feedback.mix_with the original examples mixed in."""
+    run_dir = Path(config.output_dir)
+    mixed = [run_dir / MIX_DATA_FILE] if config.data.feedback and config.data.feedback.mix_with else []
+    return [run_dir / FEEDBACK_DATA_FILE, *mixed]
+
+
+def with_feedback_rows(config: TrainConfig) -> TrainConfig:
+    """The config to read data with: with data.feedback, data.train becomes the rows built into the run directory
+    (by `tunelab train`, or tunelab.feedback.build_run_data; train must not import feedback, which sits above it)."""
+    if config.data.feedback is None:
+        return config
+    files = feedback_data_files(config)
+    for path in files:
+        if not path.is_file():
+            raise DataError(f"{path}: the training rows of data.feedback are not built yet; `tunelab train` builds "
+                            f"them from the feedback store (from Python: tunelab.feedback.build_run_data(config))")
+    data = config.data.model_copy(update={"train": [str(path) for path in files], "feedback": None})
+    return config.model_copy(update={"data": data})
 
 
 def _prepare_classification(config: TrainConfig, tokenizer, labels) -> PreparedData:
@@ -674,9 +701,8 @@ def train(config: TrainConfig, *, resume: bool = False, show_progress: bool = Tr
     from tunelab.train.trainer import Batches, Trainer
 
     run_dir = Path(config.output_dir)
-    if not resume and run_dir.exists() and (any(run_dir.glob("checkpoint-*")) or (run_dir / "metrics.jsonl").exists()):
-        raise TunelabError(f"{run_dir}: output_dir already holds a run; resume it with "
-                           f"`tunelab train --resume {run_dir}` or choose another output_dir")
+    if not resume:
+        check_new_run_dir(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if config.train.num_threads:
         torch.set_num_threads(config.train.num_threads)
@@ -687,7 +713,8 @@ def train(config: TrainConfig, *, resume: bool = False, show_progress: bool = Tr
     seed_everything(config.train.seed)
     model, tokenizer = prepare_model(config, data.labels, tokenizer)
     if not data.train.features:
-        raise DataError(f"{config.data.train}: no training rows after encoding ({data.train.summary()})")
+        where = config.data.train if config.data.feedback is None else feedback_data_files(config)[0]
+        raise DataError(f"{where}: no training rows after encoding ({data.train.summary()})")
     log(f"train: {data.train.summary()}" + (f"; validation: {data.validation.summary()}" if data.validation else ""))
     if config.task.type in ("preference", "kto", "reward_model"):
         reasons = data.train.skipped_reasons + (data.validation.skipped_reasons if data.validation else [])
@@ -759,6 +786,14 @@ def train(config: TrainConfig, *, resume: bool = False, show_progress: bool = Tr
     (run_dir / "metrics.json").write_text(json.dumps(final, indent=2) + "\n")
     write_run_report(run_dir, config, final, trainer)
     return final
+
+
+def check_new_run_dir(run_dir: str | Path) -> None:
+    """TunelabError if run_dir already holds a run (a new run would mix its files with the old one's)."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and (any(run_dir.glob("checkpoint-*")) or (run_dir / "metrics.jsonl").exists()):
+        raise TunelabError(f"{run_dir}: output_dir already holds a run; resume it with "
+                           f"`tunelab train --resume {run_dir}` or choose another output_dir")
 
 
 def prepare_reference(step, model, config: TrainConfig, train_features: list, eval_features: list | None,
@@ -835,8 +870,10 @@ def write_run_report(run_dir: Path, config: TrainConfig, final: dict, trainer) -
         from tunelab.train.samples import last_samples_markdown
 
         extra = last_samples_markdown(run_dir / "samples.jsonl")
+    built = config.data.feedback
+    train_data = config.data.train if built is None else f"feedback ({built.build}) from {config.feedback.store}"
     summary = {"model": config.model.name, "task": config.task.type, "method": config.method.type,
-               "train": config.data.train, "batch_size": config.train.batch_size, "grad_accum": config.train.grad_accum,
+               "train": train_data, "batch_size": config.train.batch_size, "grad_accum": config.train.grad_accum,
                "lr": config.train.lr, "steps": trainer.state.global_step, "precision": str(trainer.amp_dtype or "fp32")}
     return write_report(run_dir, title=f"tunelab run: {run_dir.name}", task=config.task.type, final_metrics=final,
                         best=best, config_summary=summary, history_path=run_dir / "metrics.jsonl",
