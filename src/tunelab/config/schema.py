@@ -219,8 +219,8 @@ class FeedbackDataSection(Section):
     # which records: the store's filters
     model: str | None = Field(None, description="records of this model")
     model_version: str | None = Field(None, description="records of this model version")
-    source: FeedbackSource | list[FeedbackSource] | None = Field(None, description="records from this source "
-                                                                 "(or these)")
+    source: str | list[str] | None = Field(None, description="records from this source (or these): person, rule, "
+                                           "reward_model, gold, judge")
     verdict: Literal["good", "bad", "none"] | None = Field(None, description="records with this verdict (none: "
                                                            "scored only)")
     task: str | None = Field(None, description="records of this task")
@@ -244,6 +244,15 @@ class FeedbackDataSection(Section):
     mix_with: str | list[str] | None = Field(None, description="original training file(s) mixed into the rows")
     mix_ratio: float | None = Field(None, gt=0.0, description="original examples per feedback row, sampled "
                                     "(default: all of mix_with)")
+
+    @field_validator("source")
+    @classmethod
+    def _known_sources(cls, value: str | list[str] | None) -> str | list[str] | None:
+        known = FeedbackSource.__args__
+        for name in [value] if isinstance(value, str) else value or []:
+            if name not in known:
+                raise ValueError(f"unknown source {name!r} (known: {', '.join(known)})")
+        return value
 
     def mix_paths(self) -> list[str]:
         if self.mix_with is None:
