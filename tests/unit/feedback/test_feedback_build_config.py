@@ -184,3 +184,14 @@ def test_cli_build_with_a_config(here, capsys):
     assert out.splitlines()[0] == "unpaired (kto rows) from feedback.db: 2 records read, 2 used, 2 rows"
     code, out, err = cli(capsys, "build", "pairs", "--config", "cfg.yaml", "--out", "p.jsonl", "--for", "chat")
     assert code == 1 and "build pairs makes rows for task preference or reward_model or kto, not chat" in err
+
+
+@pytest.mark.parametrize("name", ["feedback-smollm2-sft.yaml", "feedback-smollm2-dpo.yaml"])
+def test_example_configs_are_valid(name):
+    from tunelab.train.run import load_train_config
+
+    path = Path(__file__).resolve().parents[3] / "configs" / name
+    config = load_train_config(path)
+    assert config.data.feedback is not None and config.feedback.store == "feedback.db"
+    for mixed in config.data.feedback.mix_paths():
+        assert (path.parents[1] / mixed).is_file()
