@@ -195,3 +195,19 @@ def test_example_configs_are_valid(name):
     assert config.data.feedback is not None and config.feedback.store == "feedback.db"
     for mixed in config.data.feedback.mix_paths():
         assert (path.parents[1] / mixed).is_file()
+
+
+def test_a_plan_of_a_refine_run_refines_nothing(tmp_path):
+    with FeedbackStore(tmp_path / "fb.db") as store:
+        store.add_many([rec("2 + 2?", "5", "bad", critique="Off by one."),
+                        rec("3 + 3?", "7", "bad", critique="Off by one.", correction="6")])
+    raw = config(tmp_path).model_dump(mode="json")
+    raw["data"]["feedback"] = {"build": "refine", "refine": {"model": "no-such-model"}}
+    lines = []
+    built, report = build_run_data(validate(TrainConfig, raw, "c"), directory=tmp_path / "plan", refine=False,
+                                   log=lines.append)
+    assert lines[0] == "refine: 1 bad record with a critique and no correction would be refined by no-such-model " \
+                       "first (not now)"
+    assert report.rows == 1 and not (tmp_path / "run").exists()
+    with FeedbackStore(tmp_path / "fb.db") as store:
+        assert store.get(1).correction is None
