@@ -214,6 +214,42 @@ def wordpiece_tokenizer_dir(tmp_path_factory) -> Path:
     return path
 
 
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def chat_llama(tmp_path_factory) -> Path:
+    """A tiny random Llama (2 layers, 48 wide, GQA) saved as a transformers directory, with a 400-id byte-level BPE
+    tokenizer trained on tinyshakespeare that has ChatML's special tokens and chat template: the chat model of
+    the SFT, preference and feedback tests. Tests train from it into their own directories; none writes to it."""
+    import transformers as tf
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    from tunelab.tokenizer import Tokenizer
+
+    backend = Backend(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    shakespeare = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
+    backend.train_from_iterator(shakespeare.read_text()[:20000].splitlines(), trainer)
+    path = tmp_path_factory.mktemp("chat-llama")
+    torch.manual_seed(0)
+    end = backend.token_to_id("<|im_end|>")
+    tf.LlamaForCausalLM(tf.LlamaConfig(
+        vocab_size=backend.get_vocab_size(), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, eos_token_id=end,
+        bos_token_id=end, pad_token_id=backend.token_to_id("<|endoftext|>"))).save_pretrained(path)
+    Tokenizer(backend, special_tokens={"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"},
+              chat_template=CHATML).save(path)
+    return path
+
+
 def pytest_terminal_summary(terminalreporter):
     if MAX_DIFFS:
         terminalreporter.write_sep("-", "max abs differences against references")

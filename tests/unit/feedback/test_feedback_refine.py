@@ -15,10 +15,6 @@ from tunelab.feedback.build import REFINE_PROMPT, clean_refinement, refine_promp
 from tunelab.feedback.review import review
 
 DATA = Path(__file__).resolve().parents[4] / "shared" / "data"
-CHATML = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 
 
 @pytest.fixture(autouse=True)
@@ -27,33 +23,6 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def chat_llama_dir(tmp_path_factory) -> Path:
-    """A tiny random Llama with a byte-level BPE tokenizer that has ChatML's special tokens and template."""
-    import transformers as tf
-    from tokenizers import Tokenizer as Backend
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
-    from tunelab.tokenizer import Tokenizer
-
-    backend = Backend(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    backend.train_from_iterator((DATA / "tinyshakespeare" / "input.txt").read_text()[:20000].splitlines(), trainer)
-    path = tmp_path_factory.mktemp("refine-llama")
-    torch.manual_seed(0)
-    end = backend.token_to_id("<|im_end|>")
-    tf.LlamaForCausalLM(tf.LlamaConfig(
-        vocab_size=backend.get_vocab_size(), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, eos_token_id=end,
-        bos_token_id=end, pad_token_id=backend.token_to_id("<|endoftext|>"))).save_pretrained(path)
-    Tokenizer(backend, special_tokens={"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"},
-              chat_template=CHATML).save(path)
-    return path
 
 
 @pytest.fixture
@@ -78,8 +47,8 @@ def quiet_settings(**kw) -> RefineSettings:
                              **kw})
 
 
-def test_refine_stores_refinements_and_builds_chat_rows(store, chat_llama_dir):
-    model, tokenizer = tunelab.load(chat_llama_dir)
+def test_refine_stores_refinements_and_builds_chat_rows(store, chat_llama):
+    model, tokenizer = tunelab.load(chat_llama)
     result = build_training_data(store, "refine", refine=quiet_settings(model="tiny-refiner"),
                                  refiner=(model.eval(), tokenizer), log=lambda line: None)
     refined = [store.get(1), store.get(2)]
@@ -108,25 +77,25 @@ def test_refine_stores_refinements_and_builds_chat_rows(store, chat_llama_dir):
     assert again.report.refined == 0 and again.rows == result.rows
 
 
-def test_refine_by_model_source_with_a_verifier_and_without_truncated_ones(store, chat_llama_dir, tmp_path):
+def test_refine_by_model_source_with_a_verifier_and_without_truncated_ones(store, chat_llama, tmp_path):
     check = tmp_path / "checks.py"
     check.write_text("def has_reference(output, example):\n"
                      "    return 'reference' in example and example['answer'] == '42'\n")
-    settings = quiet_settings(model=str(chat_llama_dir), verifier=f"{check}:has_reference")
+    settings = quiet_settings(model=str(chat_llama), verifier=f"{check}:has_reference")
     result = build_training_data(store, "refine", refine=settings, log=lambda line: None)
     assert result.report.refined == 1 and result.report.refine_dropped == {"failed the verifier": 1}
     assert store.get(1).metadata["refinement"]["verifier"] == f"{check}:has_reference"
     assert store.get(2).correction is None
     # six tokens are not enough for a whole answer: a refinement cut off there is dropped by default
-    dropped = build_training_data(store, "refine", refine=quiet_settings(model=str(chat_llama_dir),
+    dropped = build_training_data(store, "refine", refine=quiet_settings(model=str(chat_llama),
                                                                         keep_truncated=False),
                                   log=lambda line: None)
     assert dropped.report.refined == 0 and dropped.report.refine_dropped == {"cut off at 6 tokens": 1}
     assert store.get(2).correction is None
 
 
-def test_review_shows_a_refinement_and_a_verdict_marks_it_reviewed(store, chat_llama_dir):
-    model, tokenizer = tunelab.load(chat_llama_dir)
+def test_review_shows_a_refinement_and_a_verdict_marks_it_reviewed(store, chat_llama):
+    model, tokenizer = tunelab.load(chat_llama)
     build_training_data(store, "refine", refine=quiet_settings(model="tiny-refiner"), refiner=(model, tokenizer),
                         log=lambda line: None)
     shown = []

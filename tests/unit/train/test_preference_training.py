@@ -23,39 +23,6 @@ from tunelab.train.run import train
 
 DATA = Path(__file__).resolve().parents[4] / "shared" / "data"
 HH = DATA / "hh_rlhf" / "harmless-base-pairs.jsonl"
-CHATML = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
-
-@pytest.fixture(scope="module")
-def chat_llama_dir(tmp_path_factory) -> Path:
-    """A tiny random Llama whose byte-level BPE tokenizer has ChatML's special tokens and template."""
-    import transformers as tf
-    from tokenizers import Tokenizer as Backend
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
-    from tunelab.tokenizer import Tokenizer
-
-    backend = Backend(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    text = (DATA / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")[:20000]
-    backend.train_from_iterator(text.splitlines(), trainer)
-    path = tmp_path_factory.mktemp("pref-llama")
-    torch.manual_seed(0)
-    end = backend.token_to_id("<|im_end|>")
-    config = tf.LlamaConfig(vocab_size=backend.get_vocab_size(), hidden_size=48, intermediate_size=96,
-                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                            max_position_embeddings=256, eos_token_id=end, bos_token_id=end,
-                            pad_token_id=backend.token_to_id("<|endoftext|>"))
-    tf.LlamaForCausalLM(config).save_pretrained(path)
-    Tokenizer(backend, special_tokens={"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"},
-              chat_template=CHATML).save(path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -90,9 +57,9 @@ def quiet(config: TrainConfig, **kw) -> dict:
 # ------------------------------------------------------------------------------------------------ the reference
 
 
-def test_adapters_off_gives_the_base_models_log_probs_exactly(chat_llama_dir, short_pairs):
-    base, tokenizer = tunelab.load(chat_llama_dir)
-    adapted, _ = tunelab.load(chat_llama_dir)
+def test_adapters_off_gives_the_base_models_log_probs_exactly(chat_llama, short_pairs):
+    base, tokenizer = tunelab.load(chat_llama)
+    adapted, _ = tunelab.load(chat_llama)
     apply_lora(adapted, LoraSettings(r=4, alpha=8, target_modules=["all-linear"]))
     torch.manual_seed(1)
     with torch.no_grad():
@@ -115,7 +82,7 @@ def test_adapters_off_gives_the_base_models_log_probs_exactly(chat_llama_dir, sh
     assert counts.min() > 0
 
 
-def test_the_reference_runs_once_per_example_not_per_epoch_nor_on_resume(chat_llama_dir, short_pairs, tmp_path,
+def test_the_reference_runs_once_per_example_not_per_epoch_nor_on_resume(chat_llama, short_pairs, tmp_path,
                                                                          monkeypatch):
     forwards: list[tuple[int, bool]] = []  # (rows, adapters on) of every forward pass of the trained model
     original = run_module.prepare_model
@@ -132,7 +99,7 @@ def test_the_reference_runs_once_per_example_not_per_epoch_nor_on_resume(chat_ll
     monkeypatch.setattr(run_module, "prepare_model", spied)
     out = tmp_path / "run"
     # 24 pairs: 18 train (5 steps of 4 pairs an epoch), 6 validation; evaluations at 0, 5, 10 and at the end (15)
-    quiet(make_config(out, chat_llama_dir, short_pairs, epochs=3, eval_steps=5, eval_at_start=True, save_steps=5))
+    quiet(make_config(out, chat_llama, short_pairs, epochs=3, eval_steps=5, eval_at_start=True, save_steps=5))
     reference_rows = sum(rows for rows, on in forwards if not on)
     policy_rows = sum(rows for rows, on in forwards if on)
     assert reference_rows == 2 * (18 + 6)  # each chosen and rejected answer once
@@ -141,20 +108,20 @@ def test_the_reference_runs_once_per_example_not_per_epoch_nor_on_resume(chat_ll
 
     # resumed from checkpoint-10 (and asked for one more epoch): the reference comes from the run directory
     forwards.clear()
-    quiet(make_config(out, chat_llama_dir, short_pairs, epochs=4, eval_steps=5, eval_at_start=True, save_steps=5),
+    quiet(make_config(out, chat_llama, short_pairs, epochs=4, eval_steps=5, eval_at_start=True, save_steps=5),
           resume=True)
     assert sum(rows for rows, on in forwards if not on) == 0
     assert sum(rows for rows, on in forwards if on) == 2 * 2 * 18 + 2 * 2 * 6  # steps 11-20, evaluations 15 and 20
 
 
-def test_resumed_run_ends_where_an_uninterrupted_one_does(chat_llama_dir, short_pairs, tmp_path):
+def test_resumed_run_ends_where_an_uninterrupted_one_does(chat_llama, short_pairs, tmp_path):
     from safetensors.torch import load_file
 
     whole = tmp_path / "whole"
-    quiet(make_config(whole, chat_llama_dir, short_pairs, epochs=2, save_steps=3))
+    quiet(make_config(whole, chat_llama, short_pairs, epochs=2, save_steps=3))
     # the same run resumed from its checkpoint-9 (as after a kill during step 10): the same final adapter
     (whole / "adapter").rename(tmp_path / "adapter-uninterrupted")
-    quiet(make_config(whole, chat_llama_dir, short_pairs, epochs=2, save_steps=3), resume=True)
+    quiet(make_config(whole, chat_llama, short_pairs, epochs=2, save_steps=3), resume=True)
     a = load_file(str(tmp_path / "adapter-uninterrupted" / "adapter_model.safetensors"))
     b = load_file(str(whole / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -185,9 +152,9 @@ def test_reference_cache_holds_each_split_for_its_rows_only(tmp_path):
 # ------------------------------------------------------------------------------------------------ training
 
 
-def test_dpo_raises_reward_accuracy_and_margin_on_its_training_pairs(chat_llama_dir, short_pairs, tmp_path):
+def test_dpo_raises_reward_accuracy_and_margin_on_its_training_pairs(chat_llama, short_pairs, tmp_path):
     out = tmp_path / "dpo"
-    config = make_config(out, chat_llama_dir, short_pairs, epochs=6, eval_steps=6, eval_at_start=True)
+    config = make_config(out, chat_llama, short_pairs, epochs=6, eval_steps=6, eval_at_start=True)
     # validate on the training pairs themselves: what DPO fits must show there
     config.data.validation = str(short_pairs)
     final = quiet(config)
@@ -214,9 +181,9 @@ def test_dpo_raises_reward_accuracy_and_margin_on_its_training_pairs(chat_llama_
     {"type": "kto"},
     {"type": "reward_model"},
 ], ids=lambda t: t.get("loss", t["type"]))
-def test_every_preference_loss_trains(chat_llama_dir, short_pairs, tmp_path, task):
+def test_every_preference_loss_trains(chat_llama, short_pairs, tmp_path, task):
     out = tmp_path / "run"
-    final = quiet(make_config(out, chat_llama_dir, short_pairs, task=task, epochs=2, eval_at_start=True))
+    final = quiet(make_config(out, chat_llama, short_pairs, task=task, epochs=2, eval_at_start=True))
     first = history(out, "validation")[0]
     assert math.isfinite(final["loss"]) and 0.0 <= final["reward_accuracy"] <= 1.0 and "margin" in final
     if task["type"] == "kto":
@@ -229,11 +196,11 @@ def test_every_preference_loss_trains(chat_llama_dir, short_pairs, tmp_path, tas
     assert train_log[-1]["loss"] < train_log[0]["loss"] or final["loss"] < first["loss"]
 
 
-def test_full_fine_tuning_dpo_is_its_own_reference_before_training(chat_llama_dir, short_pairs, tmp_path):
+def test_full_fine_tuning_dpo_is_its_own_reference_before_training(chat_llama, short_pairs, tmp_path):
     from tunelab.evaluate.runner import evaluate_source
 
     out = tmp_path / "full"
-    final = quiet(make_config(out, chat_llama_dir, short_pairs, method="full", lr=1e-3, epochs=2, eval_at_start=True))
+    final = quiet(make_config(out, chat_llama, short_pairs, method="full", lr=1e-3, epochs=2, eval_at_start=True))
     assert history(out, "validation")[0]["margin"] == 0.0
     # evaluated again: the reference is model.source, loaded beside the trained model
     again = evaluate_source(str(out))
@@ -243,7 +210,7 @@ def test_full_fine_tuning_dpo_is_its_own_reference_before_training(chat_llama_di
     with pytest.raises(ConfigError, match="task.reference"):
         evaluate_source(str(out / "model"), data=str(short_pairs), task="preference")
     named = evaluate_source(str(out / "model"), data=str(short_pairs), task="preference",
-                            overrides=[f"task.reference={chat_llama_dir}"])
+                            overrides=[f"task.reference={chat_llama}"])
     assert named["pairs"] == 24 and named["margin"] > 0
 
 
