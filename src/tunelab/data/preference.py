@@ -374,6 +374,29 @@ def encode_preferences(pairs: Sequence[PreferencePair], tokenizer: Tokenizer, ma
     return dataset
 
 
+def encode_answers(prompts: Sequence[list[dict[str, str]]], answers: Sequence[str], tokenizer: Tokenizer,
+                   max_length: int, *, max_prompt_length: int | None = None,
+                   special_tokens: bool = False) -> list[dict]:
+    """Features {"prompt_ids", "answer_ids", "length"} of single answers, encoded as encode_preferences encodes
+    each side of a pair, so that a reward model scores an answer as it was trained to (an answer that
+    renders to no tokens keeps the template's end-of-turn marker, or is empty for a plain transcript)."""
+    if len(prompts) != len(answers):
+        raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
+    budget_max_prompt = max_prompt_length if max_prompt_length is not None else max_length // 2
+    wrap = _wrapping(tokenizer) if special_tokens else ([], [])
+    limit = max_length - len(wrap[0]) - len(wrap[1])
+    rendered = [render_prompt_and_answers(tokenizer, prompt, [answer]) for prompt, answer in zip(prompts, answers)]
+    prompt_ids = _encode_texts(tokenizer, [prompt for prompt, _ in rendered])
+    answer_ids = _encode_texts(tokenizer, [texts[0] for _, texts in rendered])
+    features = []
+    for prompt, answer in zip(prompt_ids, answer_ids):
+        keep_prompt, keep_answer = fit_lengths(len(prompt), [len(answer)], limit, budget_max_prompt)
+        prompt = wrap[0] + prompt[len(prompt) - keep_prompt:]
+        answer = answer[:keep_answer] + wrap[1]
+        features.append({"prompt_ids": prompt, "answer_ids": answer, "length": len(prompt) + len(answer)})
+    return features
+
+
 def encode_labeled(examples: Sequence[LabeledCompletion], tokenizer: Tokenizer, max_length: int, *,
                    max_prompt_length: int | None = None, seed: int = 0) -> EncodedDataset:
     """Features {"prompt_ids", "completion_ids", "desirable", "kl_ids", "length"} for KTO.

@@ -411,6 +411,39 @@ def rouge(predictions: Sequence[str], references: Sequence[str] | Sequence[Seque
     return {key: totals[key] / len(predictions) for key in ROUGE_TYPES}
 
 
+# One output against its reference: what judges an output alone (the feedback store's gold judge).
+SENTENCE_METRICS = ("bleu", "chrf", "rouge")
+
+
+def sentence_score(metric: str, prediction: str, reference: str | Sequence[str]) -> float:
+    """One prediction's score against its reference(s): sacrebleu's sentence BLEU (with effective order, so
+    that a short sentence without 4-gram matches is not scored 0 outright) or chrF, 0-100; or rouge-score's
+    ROUGE-L F-measure with the Porter stemmer, 0-1."""
+    references = [reference] if isinstance(reference, str) else [str(r) for r in reference]
+    if not references:
+        raise ValueError("no reference")
+    if metric == "bleu":
+        from sacrebleu.metrics import BLEU
+
+        return float(BLEU(effective_order=True).sentence_score(str(prediction), references).score)
+    if metric == "chrf":
+        from sacrebleu.metrics import CHRF
+
+        return float(CHRF().sentence_score(str(prediction), references).score)
+    if metric == "rouge":
+        from rouge_score.rouge_scorer import RougeScorer
+
+        scorer = RougeScorer(["rougeL"], use_stemmer=True)
+        return float(scorer.score_multi(references, str(prediction))["rougeL"].fmeasure)
+    raise ValueError(f"unknown sentence metric {metric!r} (known: {', '.join(SENTENCE_METRICS)})")
+
+
+def tag_entities(tags: Sequence[str], scheme: str | None = None) -> list[tuple[str, int, int]]:
+    """The (type, first word, last word) entities of one tag sequence by seqeval's chunking (scheme None: the
+    conlleval rules of span_metrics' default), sorted by position."""
+    return sorted(_sentence_entities([str(t) for t in tags], 0, scheme), key=lambda e: (e[1], e[2], e[0]))
+
+
 # ---------------------------------------------------------------------------------------------
 # Preference learning
 # ---------------------------------------------------------------------------------------------

@@ -382,6 +382,22 @@ class RewardModelStep:
         return {"loss": total / n, **M.preference_metrics(chosen, rejected), "chosen_reward": sum(chosen) / n,
                 "rejected_reward": sum(rejected) / n, "pairs": n}
 
+    @torch.inference_mode()
+    def scores(self, model, features: Sequence[dict], batch_size: int, autocast) -> list[float]:
+        """The reward of each single answer (features of data.preference.encode_answers), in feature order."""
+        model.eval()
+        device = next(model.parameters()).device
+        rewards: list[float] = [0.0] * len(features)
+        for indices in _eval_batches(features, batch_size):
+            chunk = [features[i] for i in indices]
+            batch = _to(_rows([f["prompt_ids"] for f in chunk], [f["answer_ids"] for f in chunk], self.pad_token_id,
+                              labels=False), device)
+            with autocast():
+                out = model(batch["input_ids"], batch["attention_mask"], heads=(self.head,)).logits[self.head]  # [B, 1]
+            for i, value in zip(indices, out[:, 0].float().tolist()):
+                rewards[i] = value
+        return rewards
+
 
 # ---------------------------------------------------------------------------------------------- the reference
 
