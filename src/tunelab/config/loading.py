@@ -70,6 +70,8 @@ def _valid_keys(model: type[BaseModel], path: tuple) -> list[str]:
     """Field names at a dotted location of a schema (for suggestions)."""
     current: Any = model
     for part in path:
+        if isinstance(part, int) and isinstance(current, type) and issubclass(current, BaseModel):
+            continue  # an item of a list of sections: _model_type found the item's section already
         if isinstance(part, int) or not (isinstance(current, type) and issubclass(current, BaseModel)):
             return []
         field = current.model_fields.get(part)

@@ -391,11 +391,57 @@ class TrainSection(Section):
         return prompts
 
 
+# ---- collecting feedback automatically (tunelab feedback collect; feedback/collect.py) --------------------------
+
+JUDGE_TYPES = ("gold", "verifier", "reward_model", "judge")
+# option -> the judge types it applies to
+_JUDGE_OPTIONS = {"metric": ("gold",), "threshold": ("gold", "verifier", "reward_model"), "function": ("verifier",),
+                  "model": ("reward_model", "judge"), "rubric": ("judge",), "max_new_tokens": ("judge",),
+                  "batch_size": ("reward_model", "judge")}
+
+
+class CollectJudgeSection(Section):
+    """One way of judging a model's outputs automatically; each output gets one feedback record per judge."""
+
+    type: Literal["gold", "verifier", "reward_model", "judge"] = Field(
+        description="gold: against the data's gold labels / references; verifier: a Python function; reward_model: "
+        "a run trained with task reward_model; judge: a chat model prompted with a rubric")
+    metric: Literal["bleu", "chrf", "rouge"] | None = Field(
+        None, description="gold, generated text: sentence BLEU or chrF (0-100), or ROUGE-L (0-1); default bleu for "
+        "seq2seq, rouge for chat")
+    threshold: float | None = Field(
+        None, description="gold: the metric's value below which an output is bad (default: bleu 20, chrf 40, rouge "
+        "0.3); verifier and reward_model: a score below it is bad, at or above good (default: none, the score alone "
+        "for a reward model; a verifier's own verdict)")
+    function: str | None = Field(None, description="verifier: 'module:function' or 'path/to/file.py:function'")
+    model: str | None = Field(None, description="reward_model: its run directory; judge: a registered name, model "
+                              "path or run directory")
+    rubric: str | None = Field(None, description="judge: what to judge by, a text or a file; with {input}, {output} "
+                               "and {reference} in it, the whole prompt (default: correct, helpful and to the point)")
+    max_new_tokens: int | None = Field(None, ge=1, description="judge: tokens of the judge's reply (default 64)")
+    batch_size: int | None = Field(None, ge=1, description="reward_model, judge: outputs per forward pass "
+                                   "(default: the collection's batch size)")
+
+    @model_validator(mode="after")
+    def _options_of_type(self) -> "CollectJudgeSection":
+        for option, types in _JUDGE_OPTIONS.items():
+            if getattr(self, option) is not None and self.type not in types:
+                raise ValueError(f"option '{option}' applies to judges of type {' or '.join(types)}, not {self.type}")
+        needed = {"verifier": "function", "reward_model": "model", "judge": "model"}.get(self.type)
+        if needed is not None and getattr(self, needed) is None:
+            example = {"function": "tunelab.evaluate.verifiers:final_number", "model": "RUN_OR_MODEL"}[needed]
+            raise ValueError(f"a {self.type} judge needs '{needed}' (e.g. {needed}: {example})")
+        return self
+
+
 class FeedbackSection(Section):
-    """Where the job's language feedback is kept (see tunelab.feedback)."""
+    """Where the job's language feedback is kept (see tunelab.feedback), and how it is collected."""
 
     store: str = Field(description="the feedback store: an SQLite file or an sqlite:///path URL (`tunelab feedback "
                        "... --config CONFIG` uses it)")
+    collect: list[CollectJudgeSection] = Field(
+        default_factory=list, description="`tunelab feedback collect --config CONFIG`: the judges of the model's "
+        "outputs, e.g. [{type: gold}, {type: verifier, function: tunelab.evaluate.verifiers:final_number}]")
 
     @field_validator("store")
     @classmethod
