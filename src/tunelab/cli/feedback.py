@@ -1,4 +1,4 @@
-"""tunelab feedback import | export | stats | review | build: the feedback store from the command line."""
+"""tunelab feedback import | export | stats | review | build | collect: the feedback store from the command line."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ STORE_HELP = "the feedback store: an SQLite file or sqlite:///path URL (default:
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("feedback", help="the feedback store: import, export, stats, review, build",
+    p = subparsers.add_parser("feedback", help="the feedback store: import, export, stats, review, build, collect",
                               description=__doc__)
     commands = p.add_subparsers(dest="feedback_command", metavar="SUBCOMMAND")
 
@@ -55,6 +55,10 @@ def add_parser(subparsers) -> None:
     _add_filters(r, verdict=False)
     r.set_defaults(run=run_review)
     _add_build_parser(commands)
+
+    from tunelab.cli.feedback_collect import add_collect_parser
+
+    add_collect_parser(commands)
     p.set_defaults(run=lambda args: (p.print_help(), 2)[1])
 
 

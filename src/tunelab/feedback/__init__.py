@@ -11,6 +11,10 @@ terminal loop is review.py; build.py turns records into training rows (correctio
 unpaired, refine):
 
     rows = build_training_data(store, "pairs", source="person").rows
+
+Feedback is collected automatically (a model's outputs judged against gold answers, by verifiers, a reward
+model or a judge model) by collect.py with examples.py, outputs.py and judges.py:
+`from tunelab.feedback.collect import collect_feedback`.
 """
 
 from __future__ import annotations
