@@ -43,11 +43,14 @@ def add_collect_parser(commands) -> None:
     o = c.add_argument_group("options")
     o.add_argument("--limit", type=int, metavar="N", help="the first N examples of the data")
     o.add_argument("--batch-size", type=int, default=None, metavar="N", help="examples per forward pass (default 8)")
-    o.add_argument("--max-new-tokens", type=int, metavar="N", help="generated outputs: at most N tokens (default 128)")
-    o.add_argument("--beam-size", type=int, metavar="N", help="generated outputs: beam search with N beams (default "
-                   "1: greedy)")
+    o.add_argument("--max-new-tokens", type=int, metavar="N", help="generated outputs: at most N tokens (default: "
+                   "the run's task.generation, else 128)")
+    o.add_argument("--beam-size", type=int, metavar="N", help="generated outputs: beam search with N beams (default: "
+                   "the run's task.generation, else 1: greedy)")
     o.add_argument("--precision", choices=["fp32", "bf16", "fp16", "auto"], default="fp32",
                    help="autocast of the models (default fp32: faster than bf16 for inference on a CPU)")
+    o.add_argument("--threads", type=int, metavar="N", help="CPU threads of torch (default: all cores; on a busy "
+                   "machine 1 is much faster for small models)")
     o.add_argument("--again", action="store_true", help="judge again the examples judged before for this model version")
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
     o.add_argument("--store", metavar="PATH", help="the feedback store (default: feedback.store of --config, else "
@@ -81,12 +84,11 @@ def run_collect(args: argparse.Namespace) -> int:
     from tunelab.config.loading import apply_overrides, load_config, validate
     from tunelab.config.schema import DataSection, TrainConfig
     from tunelab.feedback.collect import collect_feedback
-    from tunelab.feedback.outputs import GenerationOptions
     from tunelab.train.run import is_run_dir
 
     judges: list = judges_from_flags(args)
     model, data_files, task, data_options = args.model, args.data, args.task, None
-    generation = {"max_new_tokens": 128, "beam_size": 1}
+    generation: dict = {}  # over the run's task.generation (collect_feedback), or greedy for a bare model
     if args.config:
         config = load_config(TrainConfig, args.config)
         if config.feedback is not None:
@@ -125,9 +127,15 @@ def run_collect(args: argparse.Namespace) -> int:
         generation["beam_size"] = args.beam_size
     if args.limit is not None and args.limit < 1:
         raise ConfigError("--limit must be at least 1")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ConfigError("--threads must be at least 1")
+        import torch
+
+        torch.set_num_threads(args.threads)
     files = data_files[0] if len(data_files) == 1 else list(data_files)
     result = collect_feedback(model, files, judges, _store_location(args), task=task, data=data, limit=args.limit,
-                              batch_size=args.batch_size or 8, generation=GenerationOptions(**generation),
+                              batch_size=args.batch_size or 8, generation=generation,
                               precision=args.precision, skip_judged=not args.again,
                               progress=not args.no_progress)
     print(result.summary())

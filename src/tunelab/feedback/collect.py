@@ -39,6 +39,7 @@ from tunelab.feedback.record import FeedbackRecord
 from tunelab.feedback.store import FeedbackStore
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
+SHOWN_UNJUDGED = 3  # replies without a verdict that the summary quotes, per judge
 _HASHES: dict[tuple[str, int, int], str] = {}  # (path, size, mtime) -> sha256, for one process
 
 
@@ -117,11 +118,25 @@ def source_version(source: str | Path) -> str:
         weights = path / "model" if (path / "model").is_dir() else path / "adapter"
         if not weights.is_dir():
             raise FeedbackError(f"{path}: the run has no final model yet (no model/ or adapter/)")
-        step = None
-        if (path / "metrics.json").exists():
-            step = json.loads((path / "metrics.json").read_text(encoding="utf-8")).get("step")
+        step = _last_step(path)
         return f"step-{step}-{weights_fingerprint(weights)}" if step is not None else weights_fingerprint(weights)
     return weights_fingerprint(resolve_source(source))
+
+
+def _last_step(run: Path) -> int | None:
+    """The step a run's final model was saved at: its final evaluation's, else its last logged step."""
+    if (run / "metrics.json").exists():
+        step = json.loads((run / "metrics.json").read_text(encoding="utf-8")).get("step")
+        if step is not None:
+            return int(step)
+    steps = []
+    if (run / "metrics.jsonl").exists():
+        for line in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
+            try:
+                steps.append(int(json.loads(line)["step"]))
+            except (ValueError, KeyError, TypeError):
+                continue  # a half-written last line
+    return max(steps) if steps else None
 
 
 def parameters_fingerprint(model) -> str:
@@ -191,7 +206,7 @@ def collect_feedback(
     data: DataSection | Mapping[str, Any] | None = None,
     limit: int | None = None,
     batch_size: int = 8,
-    generation: GenerationOptions | None = None,
+    generation: GenerationOptions | Mapping[str, Any] | None = None,
     precision: str = "fp32",
     chunk_size: int | None = None,
     skip_judged: bool = True,
@@ -208,6 +223,9 @@ def collect_feedback(
     judges: config items ({"type": "gold"}, {"type": "verifier", "function": "mod:fn"}, {"type": "reward_model",
       "model": RUN}, {"type": "judge", "model": "smollm2-135m-instruct", "rubric": ...}) or Judge objects.
     task: classification, tagging, chat or seq2seq (default: the run's task, or the model's head).
+    generation: how chat and seq2seq outputs are decoded: GenerationOptions, or a dict of its fields over the
+      run's task.generation (as `tunelab predict` decodes) or, for a model that is not a run, greedy with at
+      most 128 new tokens.
     precision: fp32 (the default: at inference batch sizes on a CPU, autocast to bf16 made SmolLM2's greedy
       decoding about 6 times slower here), bf16, fp16, or auto (bf16 where the hardware has it).
     skip_judged: leave out the examples each judge has judged already for this model and version.
@@ -252,6 +270,7 @@ def collect_feedback(
         raise ConfigError(f"the judge {next(n for n in names if names.count(n) > 1)} is given twice")
 
     data_section = _data_section(data, run_config, examples)
+    generation = _generation(generation, run_config)
     labels = list(model.config.labels or [])
     if isinstance(examples, (str, Path)) or _are_paths(examples):
         items = read_examples(examples, task, data=data_section, labels=labels or None,
@@ -289,6 +308,21 @@ def _data_section(data, run_config, examples) -> DataSection:
     base.update(train=files, validation=None)
     base.update(dict(data or {}))
     return validate(DataSection, base, "data options")
+
+
+def _generation(given: GenerationOptions | Mapping[str, Any] | None, run_config) -> GenerationOptions:
+    """Decoding options: given ones over a run's task.generation, or over greedy decoding of 128 tokens."""
+    if isinstance(given, GenerationOptions):
+        return given
+    options: dict[str, Any] = {}
+    if run_config is not None:
+        g = run_config.task.generation
+        options = {"max_new_tokens": g.max_new_tokens, "beam_size": g.beam_size, "length_penalty": g.length_penalty}
+    options.update(given or {})
+    try:
+        return GenerationOptions(**options)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"generation options: {error}") from None
 
 
 def _are_paths(examples: Any) -> bool:
@@ -398,5 +432,9 @@ def format_summary(result: CollectResult) -> str:
                          f"before for this model version")
         if j.unjudged:
             lines.append(f"  {j.name}: {j.unjudged} repl{'ies' if j.unjudged != 1 else 'y'} without a verdict or a "
-                         f"score, not stored")
+                         f"score, not stored; e.g.")
+            for item in [u for u in result.unjudged if u["judge"] == j.name][:SHOWN_UNJUDGED]:
+                reply = " ".join(str(item["reply"]).split())
+                reply = reply if len(reply) <= 100 else reply[:97] + "..."
+                lines.append(f"    {item['where']}: {json.dumps(reply, ensure_ascii=False)}")
     return "\n".join(lines)

@@ -22,6 +22,7 @@ DATA = Path(__file__).resolve().parents[4] / "shared" / "data"
 SST2_DEV = DATA / "sst2" / "dev.tsv"
 CONLL_VALID = DATA / "conll2003" / "valid.txt"
 HH = DATA / "hh_rlhf" / "harmless-base-pairs.jsonl"
+MULTI30K = DATA / "multi30k_en_de"
 ARITHMETIC = Path(__file__).resolve().parents[3] / "examples" / "data" / "feedback" / "arithmetic.jsonl"
 CONLL_TAGS = ["O", "B-LOC", "I-LOC", "B-MISC", "I-MISC", "B-ORG", "I-ORG", "B-PER", "I-PER"]
 CHATML = (
@@ -184,6 +185,56 @@ def test_gold_judge_on_a_tagger_names_the_wrong_spans(tagger_dir, tmp_path):
             for kind, start, end in set(tag_entities(tags)) - set(tag_entities(gold)):
                 assert f"'{' '.join(words[start:end + 1])}'" in record.critique
     assert bad >= 6  # a random tagger gets most sentences wrong
+
+
+@pytest.fixture(scope="module")
+def seq2seq_run(tmp_path_factory) -> Path:
+    """A tiny encoder-decoder trained from scratch for 3 steps on Multi30k pairs (a run directory to collect from)."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    from tunelab.config.loading import validate
+    from tunelab.config.schema import TrainConfig
+    from tunelab.tokenizer import Tokenizer
+    from tunelab.train.run import train
+
+    root = tmp_path_factory.mktemp("seq2seq")
+    text = [line for side in ("en", "de") for line in (MULTI30K / f"train.{side}").read_text().splitlines()[:1000]]
+    backend = Backend(models.BPE(unk_token="<unk>"))
+    backend.normalizer, backend.pre_tokenizer, backend.decoder = normalizers.NFKC(), pre_tokenizers.Metaspace(), \
+        decoders.Metaspace()
+    backend.train_from_iterator(text, trainers.BpeTrainer(vocab_size=400, show_progress=False,
+                                                          special_tokens=["<pad>", "<s>", "</s>", "<unk>"]))
+    backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 2)])
+    Tokenizer(backend, special_tokens={"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>",
+                                       "unk_token": "<unk>"}).save(root / "bpe")
+    raw = {"output_dir": str(root / "run"), "model": {"architecture": {
+               "family": "seq2seq", "hidden_size": 32, "num_layers": 1, "num_heads": 4, "intermediate_size": 64,
+               "max_position_embeddings": 64}, "tokenizer": str(root / "bpe")},
+           "task": {"type": "seq2seq", "generation": {"beam_size": 2, "max_new_tokens": 12}},
+           "data": {"format": "parallel", "train": [str(MULTI30K / "train.en"), str(MULTI30K / "train.de")],
+                    "max_length": 48, "max_train_examples": 64, "validation_split": 0.0},
+           "train": {"max_steps": 3, "batch_size": 16, "lr": 3e-3, "precision": "fp32", "save_steps": 0}}
+    train(validate(TrainConfig, raw, "test"), show_progress=False, log=lambda *a: None)
+    return root / "run"
+
+
+def test_gold_judge_on_a_seq2seq_run_scores_sentences(seq2seq_run, tmp_path):
+    from tunelab.evaluate.metrics import sentence_score
+
+    sources, targets = tmp_path / "val.en", tmp_path / "val.de"
+    for side, path in (("en", sources), ("de", targets)):
+        path.write_text("\n".join((MULTI30K / f"val.{side}").read_text().splitlines()[:8]) + "\n", encoding="utf-8")
+    result = collect_feedback(str(seq2seq_run), [sources, targets], [{"type": "gold", "metric": "chrf",
+                                                                      "threshold": 5.0}], None, progress=False)
+    predicted = [p["prediction"] for p in _predictions(seq2seq_run, sources, tmp_path)]  # beam 2, as the run says
+    references = targets.read_text().splitlines()
+    assert [r.output for r in result.records] == predicted and [r.reference for r in result.records] == references
+    for record in result.records:
+        assert record.score == pytest.approx(sentence_score("chrf", record.output, record.reference))
+        assert record.verdict == ("good" if record.score >= 5.0 else "bad") and record.metadata["metric"] == "chrf"
+        assert record.correction == (record.reference if record.verdict == "bad" else None)
+    assert result.records[0].model_version.startswith("step-3-")
 
 
 # ---------------------------------------------------------------------------------------------- verifiers, judge
