@@ -47,8 +47,9 @@ def add_collect_parser(commands) -> None:
                    "the run's task.generation, else 128)")
     o.add_argument("--beam-size", type=int, metavar="N", help="generated outputs: beam search with N beams (default: "
                    "the run's task.generation, else 1: greedy)")
-    o.add_argument("--precision", choices=["fp32", "bf16", "fp16", "auto"], default="fp32",
-                   help="autocast of the models (default fp32: faster than bf16 for inference on a CPU)")
+    o.add_argument("--precision", choices=["fp32", "bf16", "fp16", "auto"], default="auto",
+                   help="autocast of the models (default auto: bf16 where the CPU or GPU computes it natively, as "
+                   "tunelab predict)")
     o.add_argument("--threads", type=int, metavar="N", help="CPU threads of torch (default: all cores; on a busy "
                    "machine 1 is much faster for small models)")
     o.add_argument("--again", action="store_true", help="judge again the examples judged before for this model version")

@@ -207,7 +207,7 @@ def collect_feedback(
     limit: int | None = None,
     batch_size: int = 8,
     generation: GenerationOptions | Mapping[str, Any] | None = None,
-    precision: str = "fp32",
+    precision: str = "auto",
     chunk_size: int | None = None,
     skip_judged: bool = True,
     progress: bool = True,
@@ -226,8 +226,8 @@ def collect_feedback(
     generation: how chat and seq2seq outputs are decoded: GenerationOptions, or a dict of its fields over the
       run's task.generation (as `tunelab predict` decodes) or, for a model that is not a run, greedy with at
       most 128 new tokens.
-    precision: fp32 (the default: at inference batch sizes on a CPU, autocast to bf16 made SmolLM2's greedy
-      decoding about 6 times slower here), bf16, fp16, or auto (bf16 where the hardware has it).
+    precision: the models' autocast: auto (bf16 where the hardware computes it natively, as `tunelab predict`
+      and `tunelab eval`), fp32, bf16 or fp16.
     skip_judged: leave out the examples each judge has judged already for this model and version.
     """
     from tqdm.auto import tqdm

@@ -204,7 +204,7 @@ class RewardModelJudge(Judge):
 
     source = "reward_model"
 
-    def __init__(self, source: str, *, threshold: float | None = None, batch_size: int = 8, precision: str = "fp32",
+    def __init__(self, source: str, *, threshold: float | None = None, batch_size: int = 8, precision: str = "auto",
                  loader: ModelLoader | None = None) -> None:
         from tunelab.train.run import is_run_dir, load_run
 
@@ -309,7 +309,7 @@ class ModelJudge(Judge):
     source = "judge"
 
     def __init__(self, source: str, *, rubric: str | None = None, max_new_tokens: int = 64, batch_size: int = 8,
-                 precision: str = "fp32", max_length: int = 2048, loader: ModelLoader | None = None) -> None:
+                 precision: str = "auto", max_length: int = 2048, loader: ModelLoader | None = None) -> None:
         self.model_source = source
         self.rubric = load_rubric(rubric)
         self.name = f"judge:{source}"
@@ -422,7 +422,7 @@ def _first_sentence(text: str) -> str | None:
 # ---------------------------------------------------------------------------------------------- from config
 
 
-def make_judge(spec: CollectJudgeSection | Mapping[str, Any] | Judge, *, batch_size: int = 8, precision: str = "fp32",
+def make_judge(spec: CollectJudgeSection | Mapping[str, Any] | Judge, *, batch_size: int = 8, precision: str = "auto",
                loader: ModelLoader | None = None) -> Judge:
     """A judge from a config item ({type: gold | verifier | reward_model | judge, ...options}) or a Judge."""
     if isinstance(spec, Judge):

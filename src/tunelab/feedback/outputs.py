@@ -49,7 +49,7 @@ class Output:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
-def autocast_for(model, precision: str = "fp32") -> Autocast:
+def autocast_for(model, precision: str = "auto") -> Autocast:
     """The autocast context of `precision` (fp32, bf16, fp16, auto) on the model's device, as training uses."""
     from tunelab.train.trainer import autocast_context, resolve_precision
 
@@ -65,7 +65,7 @@ class OutputMaker:
     """Runs one model over examples of one task; `outputs(examples)` returns one Output per example."""
 
     def __init__(self, model, tokenizer, task: str, *, labels: Sequence[str] | None = None, max_length: int = 512,
-                 batch_size: int = 8, generation: GenerationOptions | None = None, precision: str = "fp32",
+                 batch_size: int = 8, generation: GenerationOptions | None = None, precision: str = "auto",
                  context_tokens: int = 0) -> None:
         self.model, self.tokenizer, self.task = model, tokenizer, task
         self.labels = list(labels or [])

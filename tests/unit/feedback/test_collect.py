@@ -115,11 +115,11 @@ def sst2_rows(tmp_path) -> Path:
 
 
 def _predictions(model: Path, data: Path, tmp_path: Path, *overrides: str) -> list[dict]:
-    """What `tunelab predict` writes for the model and data (in fp32, as collecting computes by default)."""
+    """What `tunelab predict` writes for the model and data (both compute with precision auto)."""
     from tunelab.evaluate.runner import predict_source
 
     out = tmp_path / "predictions.jsonl"
-    predict_source(str(model), [str(data)], str(out), overrides=[*overrides, "train.precision=fp32"])
+    predict_source(str(model), [str(data)], str(out), overrides=list(overrides))
     return [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
 
 
@@ -320,7 +320,8 @@ def test_reward_model_judge_scores_as_the_reward_model_was_trained(chat_dir, rew
     from tunelab.train.run import load_run
 
     judge = {"type": "reward_model", "model": str(reward_run)}
-    result = collect_feedback(str(chat_dir), ARITHMETIC, [judge], None, limit=4, generation=SHORT, progress=False)
+    result = collect_feedback(str(chat_dir), ARITHMETIC, [judge], None, limit=4, generation=SHORT, precision="fp32",
+                              progress=False)
     assert [r.verdict for r in result.records] == [None] * 4 and all(r.source == "reward_model" for r in result.records)
     # the same rewards from the training step's own pair scoring (each output as the chosen answer)
     model, tokenizer, _ = load_run(reward_run)
@@ -335,7 +336,7 @@ def test_reward_model_judge_scores_as_the_reward_model_was_trained(chat_dir, rew
     # with a threshold, a verdict: good at or above it
     middle = sorted(r.score for r in result.records)[2]
     judged = collect_feedback(str(chat_dir), ARITHMETIC, [{**judge, "threshold": middle}], None, limit=4,
-                              generation=SHORT, progress=False)
+                              generation=SHORT, precision="fp32", progress=False)
     assert [r.verdict for r in judged.records] == ["good" if r.score >= middle else "bad" for r in result.records]
     assert result.records[0].model_version == source_version(chat_dir)
     with pytest.raises(ConfigError, match="not a reward model"):
