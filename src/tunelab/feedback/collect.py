@@ -259,37 +259,50 @@ def collect_feedback(
     _check_task_fits(task, model, model_name)
     model.eval()
 
+    # cheap checks first: the judges' options and the data, before any judge model is loaded
+    specs = [_judge_spec(spec) for spec in judges]
+    needs_reference = any(spec.needs_reference if isinstance(spec, Judge) else spec.type == "gold" for spec in specs)
+    data_section = _data_section(data, run_config, examples)
+    generation = _generation(generation, run_config)
+    labels = list(model.config.labels or [])
+    if isinstance(examples, (str, Path)) or _are_paths(examples):
+        items = read_examples(examples, task, data=data_section, labels=labels or None, need_reference=needs_reference,
+                              limit=limit)
+    else:
+        items = as_examples(examples)[:limit]
+        missing = next((e for e in items if e.reference is None), None)
+        if missing is not None and needs_reference:
+            raise FeedbackError(f"{missing.where}: the gold judge needs the gold answer ('reference') of every example")
+
     def loader(name: str):
         if name not in loaded:
             loaded[name] = load_any(name)
         return loaded[name]
 
-    judge_list = [make_judge(spec, batch_size=batch_size, precision=precision, loader=loader) for spec in judges]
-    names = [j.name for j in judge_list]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"the judge {next(n for n in names if names.count(n) > 1)} is given twice")
-
-    data_section = _data_section(data, run_config, examples)
-    generation = _generation(generation, run_config)
-    labels = list(model.config.labels or [])
-    if isinstance(examples, (str, Path)) or _are_paths(examples):
-        items = read_examples(examples, task, data=data_section, labels=labels or None,
-                              need_reference=any(j.needs_reference for j in judge_list), limit=limit)
-    else:
-        items = as_examples(examples)[:limit]
-        missing = next((e for e in items if e.reference is None), None)
-        if missing is not None and any(j.needs_reference for j in judge_list):
-            raise FeedbackError(f"{missing.where}: the gold judge needs the gold answer ('reference') of every example")
-
     opened = None
     if store is not None and not isinstance(store, FeedbackStore):
         store = opened = FeedbackStore(store)
     try:
+        judge_list = [make_judge(spec, batch_size=batch_size, precision=precision, loader=loader) for spec in specs]
+        names = [j.name for j in judge_list]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"the judge {next(n for n in names if names.count(n) > 1)} is given twice")
         return _collect(model, tokenizer, task, items, judge_list, store, model_name, model_version, labels,
                         data_section, batch_size, generation, precision, chunk_size, skip_judged, progress, tqdm)
     finally:
         if opened is not None:
             opened.close()
+
+
+def _judge_spec(spec: Any) -> CollectJudgeSection | Judge:
+    """A judge's config item, validated (a Judge object as it is)."""
+    from tunelab.config.loading import validate
+
+    if isinstance(spec, (Judge, CollectJudgeSection)):
+        return spec
+    if not isinstance(spec, Mapping):
+        raise ConfigError(f"a judge is a Judge or a mapping such as {{'type': 'gold'}}, not {type(spec).__name__}")
+    return validate(CollectJudgeSection, dict(spec), "judge")
 
 
 def _data_section(data, run_config, examples) -> DataSection:
