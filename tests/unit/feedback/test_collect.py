@@ -1,6 +1,7 @@
 """Collecting feedback with tiny random models on real data: the gold judge on a classifier over SST-2 rows and
 a tagger over CoNLL sentences, verifiers and a judge model on a chat model's answers, a tiny trained reward model,
-a model given in memory, skipping what was judged before, and the errors."""
+a model given in memory, skipping what was judged before, and the errors. The chat model is the tiny ChatML Llama
+of tests/conftest.py (chat_llama)."""
 
 from __future__ import annotations
 
@@ -25,10 +26,6 @@ HH = DATA / "hh_rlhf" / "harmless-base-pairs.jsonl"
 MULTI30K = DATA / "multi30k_en_de"
 ARITHMETIC = Path(__file__).resolve().parents[3] / "examples" / "data" / "feedback" / "arithmetic.jsonl"
 CONLL_TAGS = ["O", "B-LOC", "I-LOC", "B-MISC", "I-MISC", "B-ORG", "I-ORG", "B-PER", "I-PER"]
-CHATML = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 SHORT = GenerationOptions(max_new_tokens=6)
 
 
@@ -77,33 +74,6 @@ def classifier_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def tagger_dir(tmp_path_factory) -> Path:
     return _tiny_bert(tmp_path_factory.mktemp("collect") / "tagger", "BertForTokenClassification", CONLL_TAGS)
-
-
-@pytest.fixture(scope="module")
-def chat_dir(tmp_path_factory) -> Path:
-    """A tiny random Llama with a byte-level BPE tokenizer, ChatML's special tokens and template."""
-    import transformers as tf
-    from tokenizers import Tokenizer as Backend
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
-    from tunelab.tokenizer import Tokenizer
-
-    backend = Backend(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    backend.train_from_iterator((DATA / "tinyshakespeare" / "input.txt").read_text()[:20000].splitlines(), trainer)
-    path = tmp_path_factory.mktemp("collect-chat")
-    torch.manual_seed(0)
-    end = backend.token_to_id("<|im_end|>")
-    tf.LlamaForCausalLM(tf.LlamaConfig(
-        vocab_size=backend.get_vocab_size(), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, eos_token_id=end,
-        bos_token_id=end, pad_token_id=backend.token_to_id("<|endoftext|>"))).save_pretrained(path)
-    Tokenizer(backend, special_tokens={"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"},
-              chat_template=CHATML).save(path)
-    return path
 
 
 @pytest.fixture
@@ -240,7 +210,7 @@ def test_gold_judge_on_a_seq2seq_run_scores_sentences(seq2seq_run, tmp_path):
 # ---------------------------------------------------------------------------------------------- verifiers, judge
 
 
-def test_verifiers_on_a_chat_model(chat_dir, tmp_path):
+def test_verifiers_on_a_chat_model(chat_llama, tmp_path):
     checks = tmp_path / "checks.py"
     checks.write_text("def has_digit(output, example):\n"
                       "    if any(c.isdigit() for c in output):\n"
@@ -248,7 +218,7 @@ def test_verifiers_on_a_chat_model(chat_dir, tmp_path):
                       "    return 'bad', f'No number in the answer to: {example[\"prompt\"]}'\n")
     judges = [{"type": "verifier", "function": f"{checks}:has_digit"},
               {"type": "verifier", "function": "tunelab.evaluate.verifiers:final_number"}]
-    result = collect_feedback(str(chat_dir), ARITHMETIC, judges, tmp_path / "fb.db", limit=6, generation=SHORT,
+    result = collect_feedback(str(chat_llama), ARITHMETIC, judges, tmp_path / "fb.db", limit=6, generation=SHORT,
                               progress=False)
     rows = [json.loads(line) for line in ARITHMETIC.read_text().splitlines()[:6]]
     assert len(result.records) == 12
@@ -268,16 +238,16 @@ def test_verifiers_on_a_chat_model(chat_dir, tmp_path):
     assert all(keys.count(key) == 2 for key in keys)
 
 
-def test_judge_model_replies_parsed_or_kept(chat_dir, tmp_path, monkeypatch):
+def test_judge_model_replies_parsed_or_kept(chat_llama, tmp_path, monkeypatch):
     import tunelab.train.run as run_module
 
     loads = []
     real = run_module.load_any
     monkeypatch.setattr(run_module, "load_any", lambda source, **kw: (loads.append(source), real(source, **kw))[1])
-    judge = {"type": "judge", "model": str(chat_dir), "rubric": "the answer is a number", "max_new_tokens": 12}
-    result = collect_feedback(str(chat_dir), ARITHMETIC, [judge], tmp_path / "fb.db", limit=5, generation=SHORT,
+    judge = {"type": "judge", "model": str(chat_llama), "rubric": "the answer is a number", "max_new_tokens": 12}
+    result = collect_feedback(str(chat_llama), ARITHMETIC, [judge], tmp_path / "fb.db", limit=5, generation=SHORT,
                               batch_size=4, progress=False)
-    assert loads == [str(chat_dir)]  # the judge is the policy model: loaded once
+    assert loads == [str(chat_llama)]  # the judge is the policy model: loaded once
     summary = result.judges[0]
     assert summary.records + summary.unjudged == 5 and len(result.unjudged) == summary.unjudged
     for record in result.records:  # whatever the random model said was read as parse_judge_reply reads it
@@ -296,7 +266,7 @@ def test_judge_model_replies_parsed_or_kept(chat_dir, tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def reward_run(chat_dir, tmp_path_factory) -> Path:
+def reward_run(chat_llama, tmp_path_factory) -> Path:
     """A reward model trained for 3 steps from the tiny chat Llama on 12 short hh-rlhf pairs."""
     from tunelab.config.loading import validate
     from tunelab.config.schema import TrainConfig
@@ -306,7 +276,7 @@ def reward_run(chat_dir, tmp_path_factory) -> Path:
     short = [r for r in records if max(len(r["chosen"]), len(r["rejected"])) < 260][:12]
     root = tmp_path_factory.mktemp("reward")
     (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in short), encoding="utf-8")
-    raw = {"output_dir": str(root / "run"), "model": {"source": str(chat_dir)}, "task": {"type": "reward_model"},
+    raw = {"output_dir": str(root / "run"), "model": {"source": str(chat_llama)}, "task": {"type": "reward_model"},
            "data": {"train": str(root / "pairs.jsonl"), "max_length": 160, "validation_split": 0.25},
            "method": {"type": "full"}, "train": {"max_steps": 3, "batch_size": 4, "lr": 1e-3, "precision": "fp32",
                                                  "save_steps": 0, "logging_steps": 1}}
@@ -314,13 +284,13 @@ def reward_run(chat_dir, tmp_path_factory) -> Path:
     return root / "run"
 
 
-def test_reward_model_judge_scores_as_the_reward_model_was_trained(chat_dir, reward_run, tmp_path):
+def test_reward_model_judge_scores_as_the_reward_model_was_trained(chat_llama, reward_run, tmp_path):
     from tunelab.data.preference import PreferencePair, encode_preferences
     from tunelab.train.preference import RewardModelStep, _rows
     from tunelab.train.run import load_run
 
     judge = {"type": "reward_model", "model": str(reward_run)}
-    result = collect_feedback(str(chat_dir), ARITHMETIC, [judge], None, limit=4, generation=SHORT, precision="fp32",
+    result = collect_feedback(str(chat_llama), ARITHMETIC, [judge], None, limit=4, generation=SHORT, precision="fp32",
                               progress=False)
     assert [r.verdict for r in result.records] == [None] * 4 and all(r.source == "reward_model" for r in result.records)
     # the same rewards from the training step's own pair scoring (each output as the chosen answer)
@@ -335,12 +305,12 @@ def test_reward_model_judge_scores_as_the_reward_model_was_trained(chat_dir, rew
             assert record.score == pytest.approx(float(expected[0, 0]), abs=1e-5)
     # with a threshold, a verdict: good at or above it
     middle = sorted(r.score for r in result.records)[2]
-    judged = collect_feedback(str(chat_dir), ARITHMETIC, [{**judge, "threshold": middle}], None, limit=4,
+    judged = collect_feedback(str(chat_llama), ARITHMETIC, [{**judge, "threshold": middle}], None, limit=4,
                               generation=SHORT, precision="fp32", progress=False)
     assert [r.verdict for r in judged.records] == ["good" if r.score >= middle else "bad" for r in result.records]
-    assert result.records[0].model_version == source_version(chat_dir)
+    assert result.records[0].model_version == source_version(chat_llama)
     with pytest.raises(ConfigError, match="not a reward model"):
-        collect_feedback(str(chat_dir), ARITHMETIC, [{"type": "reward_model", "model": str(chat_dir)}], None, limit=1)
+        collect_feedback(str(chat_llama), ARITHMETIC, [{"type": "reward_model", "model": str(chat_llama)}], None, limit=1)
 
 
 # ---------------------------------------------------------------------------------------------- Python API
@@ -371,16 +341,16 @@ def test_a_loaded_model_and_examples_from_the_caller(classifier_dir, tmp_path):
     store.close()
 
 
-def test_clear_errors(classifier_dir, chat_dir, tmp_path):
+def test_clear_errors(classifier_dir, chat_llama, tmp_path):
     questions = tmp_path / "questions.jsonl"
     questions.write_text(json.dumps({"messages": [{"role": "user", "content": "Hi"}], "answer": "Hello"}) + "\n"
                          + json.dumps({"messages": [{"role": "user", "content": "Yo"}]}) + "\n")
     with pytest.raises(DataError, match=r"questions.jsonl:2: the gold judge needs a reference answer"):
-        collect_feedback(str(chat_dir), questions, [{"type": "gold"}], None)
+        collect_feedback(str(chat_llama), questions, [{"type": "gold"}], None)
     with pytest.raises(ConfigError, match="type: Input should be 'gold', 'verifier', 'reward_model' or 'judge'"):
-        collect_feedback(str(chat_dir), questions, [{"type": "oracle"}], None)
+        collect_feedback(str(chat_llama), questions, [{"type": "oracle"}], None)
     with pytest.raises(ConfigError, match="no judges"):
-        collect_feedback(str(chat_dir), questions, [], None)
+        collect_feedback(str(chat_llama), questions, [], None)
     with pytest.raises(ConfigError, match="task tagging needs a model with a tagger head"):
         collect_feedback(str(classifier_dir), questions, [{"type": "gold"}], None, task="tagging")
     with pytest.raises(DataError, match=r"dev.tsv:2: missing field 'text'"):
