@@ -14,9 +14,10 @@ def add_parser(subparsers) -> None:
                    help="data file to evaluate on (default: the run's validation split); parallel text: "
                    "--data SOURCE --data TARGET")
     p.add_argument("--task", choices=["classification", "tagging", "qa", "causal_lm", "chat", "recurrent_lm", "seq2seq",
-                                      "preference", "kto", "reward_model"],
+                                      "preference", "kto", "reward_model", "grpo"],
                    help="task of a bare model (default: from its head); preference: DPO's implicit rewards "
-                   "against task.reference=MODEL")
+                   "against task.reference=MODEL; grpo: greedy success rate and reward with "
+                   "task.rewards=[{verifier: module:function}]")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=run)

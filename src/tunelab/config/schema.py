@@ -11,7 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 TaskType = Literal["classification", "tagging", "qa", "causal_lm", "chat", "masked_lm", "recurrent_lm", "seq2seq",
-                   "preference", "kto", "reward_model"]
+                   "preference", "kto", "reward_model", "grpo"]
 DataFormat = Literal["auto", "jsonl", "json", "csv", "tsv", "parquet", "txt", "conll", "squad", "alpaca", "sharegpt",
                      "messages", "parallel", "hh-rlhf", "preference", "openai"]
 PREFERENCE_TASKS = ("preference", "kto", "reward_model")
@@ -19,6 +19,9 @@ PREFERENCE_TASKS = ("preference", "kto", "reward_model")
 # format told by their fields
 PREFERENCE_DATA_FORMATS = ("auto", "jsonl", "json", "parquet", "hh-rlhf", "preference", "sharegpt", "openai")
 GenerationMetric = Literal["bleu", "chrf", "rouge"]
+# data.format of task grpo: files of records with a prompt (data/prompts.py); alpaca and messages records are
+# told by their fields
+GRPO_DATA_FORMATS = ("auto", "jsonl", "json", "csv", "tsv", "parquet", "alpaca", "messages")
 
 
 class Section(BaseModel):
@@ -106,6 +109,30 @@ class GenerationSection(Section):
     max_new_tokens: int = Field(128, ge=1)
 
 
+class RewardSection(Section):
+    """One reward function of task grpo: a verifier or a reward model, with its weight in the sum."""
+
+    verifier: str | None = Field(
+        None, description="a verifier function 'module:function' or 'path/to/file.py:function', called as "
+        "function(output, example) (see tunelab.evaluate.verifiers); its reward: the score, or 1 good / 0 bad")
+    reward_model: str | None = Field(
+        None, description="a reward model: the run directory of a task reward_model run (or any model source "
+        "with a one-output classifier head); its reward: the score of (prompt, completion)")
+    weight: float = Field(1.0, description="the reward is the weighted sum of every function's reward")
+
+    @model_validator(mode="after")
+    def _one_function(self) -> "RewardSection":
+        if (self.verifier is None) == (self.reward_model is None):
+            raise ValueError("a reward is either a verifier ('module:function') or a reward_model (a run "
+                             "directory): give exactly one")
+        return self
+
+
+# task keys that only task grpo reads (an error for any other task when set)
+GRPO_KEYS = ("rewards", "num_generations", "max_new_tokens", "temperature", "top_p", "top_k", "num_iterations",
+             "epsilon", "epsilon_high", "scale_rewards", "loss_normalization", "success_threshold")
+
+
 class TaskSection(Section):
     type: TaskType
     labels: list[str] | None = Field(None, description="class or tag names; default: found in the training data")
@@ -132,19 +159,44 @@ class TaskSection(Section):
     loss: Literal["dpo", "cdpo", "ipo", "simpo", "orpo"] = Field(
         "dpo", description="preference: dpo (Rafailov et al. 2023), cdpo (dpo with label_smoothing), ipo (Azar et "
         "al. 2023), simpo (Meng et al. 2024, no reference), orpo (Hong et al. 2024, no reference)")
-    beta: float | None = Field(None, gt=0.0, description="preference, kto: beta of DPO / KTO / SimPO, tau of IPO, "
-                               "lambda of ORPO (default 0.1; simpo 2.0)")
+    beta: float | None = Field(None, ge=0.0, description="preference, kto: beta of DPO / KTO / SimPO, tau of IPO, "
+                               "lambda of ORPO (default 0.1; simpo 2.0); grpo: the weight of the KL penalty "
+                               "(default 0.04; 0: no reference model)")
     gamma: float = Field(1.0, ge=0.0, description="preference with loss simpo: the target reward margin")
     desirable_weight: float = Field(1.0, gt=0.0, description="kto: lambda_D, the weight of desirable answers")
     undesirable_weight: float = Field(1.0, gt=0.0, description="kto: lambda_U, the weight of undesirable answers")
     reference: str | None = Field(
-        None, description="preference, kto: the reference model (a model source); default: the trained model with "
-        "its adapters off (lora, dora, qlora) or the model before training (full, freeze)")
+        None, description="preference, kto, grpo: the reference model (a model source); default: the trained model "
+        "with its adapters off (lora, dora, qlora) or the model before training (full, freeze)")
     metrics: list[GenerationMetric] = Field(
         default_factory=list, description="seq2seq and chat: decode the validation inputs and score them with "
         "sacreBLEU's BLEU / chrF (0-100) or ROUGE-1/2/L (0-1), besides the loss",
     )
     generation: GenerationSection = Field(default_factory=GenerationSection)
+    # online GRPO (train/grpo.py, losses/grpo.py): sample completions, score them, learn from the group
+    rewards: list[RewardSection] = Field(
+        default_factory=list, description="grpo: the reward functions, e.g. [{verifier: "
+        "tunelab.evaluate.verifiers:final_number}, {reward_model: runs/rm, weight: 0.5}]")
+    num_generations: int = Field(8, ge=2, description="grpo: completions sampled per prompt (the group, G)")
+    max_new_tokens: int = Field(128, ge=1, description="grpo: longest completion in tokens (sampling and "
+                                "evaluation)")
+    temperature: float = Field(1.0, gt=0.0, description="grpo: sampling temperature of the completions")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="grpo: nucleus sampling mass of the completions")
+    top_k: int = Field(0, ge=0, description="grpo: sample among the k most likely tokens (0: all)")
+    num_iterations: int = Field(1, ge=1, description="grpo: optimizer steps on each sampled batch (mu); above 1 "
+                                "the ratio to the sampling policy is clipped to [1 - epsilon, 1 + epsilon_high]")
+    epsilon: float = Field(0.2, gt=0.0, lt=1.0, description="grpo: clipping range of the ratio (PPO's epsilon)")
+    epsilon_high: float | None = Field(None, gt=0.0, description="grpo: upper clipping bound (default epsilon; "
+                                       "larger is DAPO's clip-higher)")
+    scale_rewards: bool = Field(True, description="grpo: divide the group-centred rewards by the group's standard "
+                                "deviation (false: Dr. GRPO, only centred)")
+    loss_normalization: Literal["token", "sequence", "constant"] = Field(
+        "token", description="grpo: token (mean over every completion token of the batch), sequence (each "
+        "completion's token mean, then the mean: DeepSeekMath eq. 3), constant (sum / (completions x "
+        "max_new_tokens): Dr. GRPO)")
+    success_threshold: float | None = Field(
+        None, description="grpo: a completion succeeds when its reward is at least this; default: when every "
+        "verifier says good (a score without a verdict: above 0)")
 
     @model_validator(mode="after")
     def _mask_split(self) -> "TaskSection":
@@ -157,8 +209,11 @@ class TaskSection(Section):
     def _preference_options(self) -> "TaskSection":
         if self.type != "preference" and self.loss != "dpo":
             raise ValueError(f"task.loss ({self.loss}) chooses the loss of task preference, not {self.type}")
-        if self.type not in ("preference", "kto") and (self.beta is not None or self.reference is not None):
-            raise ValueError(f"task.beta and task.reference apply to the preference and kto tasks, not {self.type}")
+        if self.type not in ("preference", "kto", "grpo") and (self.beta is not None or self.reference is not None):
+            raise ValueError(f"task.beta and task.reference apply to the preference, kto and grpo tasks, not "
+                             f"{self.type}")
+        if self.type in ("preference", "kto") and self.beta == 0:
+            raise ValueError(f"task.beta of task {self.type} must be positive")
         if self.type == "preference":
             if self.loss == "cdpo" and not self.label_smoothing:
                 raise ValueError("task.loss cdpo (conservative DPO) needs task.label_smoothing: the probability that "
@@ -170,6 +225,26 @@ class TaskSection(Section):
                                  f"(got {self.label_smoothing})")
             if self.reference is not None and self.loss in ("simpo", "orpo"):
                 raise ValueError(f"task.loss {self.loss} needs no reference model; drop task.reference")
+        return self
+
+    @model_validator(mode="after")
+    def _grpo_options(self) -> "TaskSection":
+        if self.type != "grpo":
+            # compared with the defaults, not with the keys given: a saved config.yaml holds every key
+            given = [key for key in GRPO_KEYS
+                     if getattr(self, key) != type(self).model_fields[key].get_default(call_default_factory=True)]
+            if given:
+                raise ValueError(f"task.{given[0]} applies to task grpo, not {self.type}")
+            return self
+        if not self.rewards:
+            raise ValueError("task grpo needs task.rewards: a list of reward functions, each {verifier: "
+                             "'module:function'} or {reward_model: RUN_DIR}, with an optional weight")
+        if self.success_threshold is None and not any(r.verifier for r in self.rewards):
+            raise ValueError("task.success_threshold: with reward models only there is no verdict to count "
+                             "successes by; give the reward a completion needs to count as a success")
+        if self.generation != GenerationSection():
+            raise ValueError("task.generation (beam search) is not used by task grpo: its sampling is "
+                             "task.max_new_tokens, task.temperature, task.top_p, task.top_k")
         return self
 
     @model_validator(mode="after")
@@ -295,7 +370,9 @@ class DataSection(Section):
     tag_column: int = Field(-1, description="CoNLL: column of the tags (-1 = last)")
     max_length: int = Field(512, ge=8)
     max_prompt_length: int | None = Field(None, ge=1, description="preference, kto, reward_model: tokens of the "
-                                          "prompt kept before the answers are cut (default: max_length / 2)")
+                                          "prompt kept before the answers are cut (default: max_length / 2); "
+                                          "grpo: longer prompts are skipped (default: max_length - "
+                                          "task.max_new_tokens)")
     stride: int = Field(128, ge=0, description="qa: overlap between windows of a long context")
     context_tokens: int = Field(0, ge=0, description="tagging: sub-words of the neighbouring sentences on each side "
                                 "that the model sees as document context (FLERT); 0: the sentence alone")
@@ -489,6 +566,8 @@ class TrainConfig(Section):
         if task not in PREFERENCE_TASKS and data.format in ("hh-rlhf", "preference", "openai"):
             raise ValueError(f"data.format {data.format} holds preference data: for task preference, kto or "
                              f"reward_model, not {task}")
+        if task == "grpo":
+            self._grpo_consistent()
         if data.format == "parallel" and task not in ("seq2seq", "chat"):
             raise ValueError(f"data.format parallel (line-aligned source and target files) is for the seq2seq "
                              f"task, or chat with data.instruction; not {task}")
@@ -541,3 +620,13 @@ class TrainConfig(Section):
             raise ValueError("data.feedback.refine.model: a model built from scratch cannot write refinements; name "
                              "a chat model")
         return self
+
+    def _grpo_consistent(self) -> None:
+        """Task grpo: prompt records, and room for the completions."""
+        data, task = self.data, self.task
+        if data.format not in GRPO_DATA_FORMATS:
+            raise ValueError(f"data.format {data.format!r} holds no prompts; task grpo reads records with a prompt "
+                             f"({', '.join(GRPO_DATA_FORMATS)})")
+        if data.max_length <= task.max_new_tokens:
+            raise ValueError(f"data.max_length ({data.max_length}) must leave room for a prompt before "
+                             f"task.max_new_tokens ({task.max_new_tokens}) completion tokens")

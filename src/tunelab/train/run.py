@@ -12,6 +12,7 @@ Run directory:
     reference_logps.safetensors   preference, kto: the reference model's log-probabilities, computed once
     feedback_data.jsonl  data.feedback: the training rows built from the feedback store (tunelab.feedback.build)
     mix_data.jsonl     data.feedback.mix_with: the original examples mixed in
+    samples.jsonl      grpo: greedy completions of the first validation prompts with their rewards, per evaluation
     model/             the final model as a Hugging Face directory (full and freeze)
     adapter/           the final adapter in PEFT's format, with the tokenizer (lora, dora, qlora)
     metrics.json       the final validation metrics; report.md and plots/ with the curves
@@ -372,6 +373,13 @@ def _prepare_kto(config: TrainConfig, tokenizer, labels) -> PreparedData:
     return PreparedData(train_rows, val_rows, [], validation or [], len(train))
 
 
+def _prepare_grpo(config: TrainConfig, tokenizer, labels) -> PreparedData:
+    """Prompt records for online GRPO (train/grpo.py)."""
+    from tunelab.train.grpo import prepare_grpo
+
+    return prepare_grpo(config, tokenizer, labels)
+
+
 # task type -> (config, tokenizer, labels) -> PreparedData; each task's data module does the reading and encoding
 DATA_PREPARERS = {
     "classification": _prepare_classification,
@@ -385,6 +393,7 @@ DATA_PREPARERS = {
     "preference": _prepare_preference,
     "kto": _prepare_kto,
     "reward_model": _prepare_preference,
+    "grpo": _prepare_grpo,
 }
 
 
@@ -395,6 +404,7 @@ HEADS_OF_TASK: dict[str, tuple[str, ...]] = {
     "classification": ("classifier",), "tagging": ("tagger",), "qa": ("qa",), "causal_lm": ("lm",), "chat": ("lm",),
     "masked_lm": ("mlm", "nsp"), "recurrent_lm": ("lm",), "seq2seq": ("lm",),
     "preference": ("lm",), "kto": ("lm",), "reward_model": ("classifier",),  # a reward model: one output
+    "grpo": ("lm",),
 }
 
 
@@ -457,7 +467,8 @@ def check_task_fits_model(config: TrainConfig, model) -> None:
     if task in ("causal_lm", "chat") and model.is_recurrent:
         raise ConfigError(f"model {config.model.name}: a recurrent model learns language modelling with task "
                           f"recurrent_lm (a token stream with its state carried), not {task}")
-    if task in ("preference", "kto") and (not model.is_decoder or model.is_recurrent or model.is_encoder_decoder):
+    if task in ("preference", "kto", "grpo") and (not model.is_decoder or model.is_recurrent
+                                                  or model.is_encoder_decoder):
         raise ConfigError(f"model {config.model.name} ({model.config.model_type}): task {task} scores the answers "
                           f"with a Transformer decoder's language-model head (GPT-2, Llama family)")
     if task == "reward_model" and (model.is_recurrent or model.is_encoder_decoder):
@@ -716,7 +727,7 @@ def train(config: TrainConfig, *, resume: bool = False, show_progress: bool = Tr
         where = config.data.train if config.data.feedback is None else feedback_data_files(config)[0]
         raise DataError(f"{where}: no training rows after encoding ({data.train.summary()})")
     log(f"train: {data.train.summary()}" + (f"; validation: {data.validation.summary()}" if data.validation else ""))
-    if config.task.type in ("preference", "kto", "reward_model"):
+    if config.task.type in ("preference", "kto", "reward_model", "grpo"):
         reasons = data.train.skipped_reasons + (data.validation.skipped_reasons if data.validation else [])
         for reason in reasons[:5]:
             log(f"  skipped {reason}")
@@ -756,11 +767,20 @@ def train(config: TrainConfig, *, resume: bool = False, show_progress: bool = Tr
             data.train.features.set_epoch(epoch)  # ShiftingWindows: this epoch's cut of the text
         return sampler
 
+    samples = None
+    if getattr(step, "online", False):  # GRPO: collate samples from the model; each sampled batch trains mu steps
+        from tqdm.auto import tqdm
+
+        from tunelab.train.grpo import GRPOSamples, RepeatedGroups, bind_policy
+
+        bind_policy(step, model, config)
+        if config.task.num_iterations > 1:
+            sampler = RepeatedGroups(sampler, s.grad_accum, config.task.num_iterations)
+        samples = GRPOSamples(step, run_dir, echo=tqdm.write if show_progress and log is print else log)
     batches = Batches(data.train.features, make_sampler, collate, seeded=seeded)
     eval_rows = data.validation.features if data.validation is not None else None
     if getattr(step, "needs_reference", False):
         prepare_reference(step, model, config, data.train.features, eval_rows, run_dir, log=log)
-    samples = None
     if s.sample_prompts:
         from tqdm.auto import tqdm
 

@@ -86,5 +86,12 @@ def last_samples_markdown(path: str | Path) -> list[tuple[str, str]]:
         return []
     step = records[-1]["step"]
     last = [r for r in records if r["step"] == step]
-    body = "\n\n".join(f"```text\n{r['prompt']}{r['text']}\n```" for r in last)
+    body = "\n\n".join(f"```text\n{r['prompt']}{r['text']}\n```" + _judged(r) for r in last)
     return [(f"Samples at step {step}", body)]
+
+
+def _judged(record: dict) -> str:
+    """GRPO's samples carry their reward and success: a line under the text."""
+    if "reward" not in record:
+        return ""
+    return f"\n\nreward {record['reward']:.3f}" + (", success" if record.get("success") else ", no success")

@@ -485,7 +485,7 @@ def beam_settings(task) -> Any:
 def make_step(task_type: str, *, labels=None, examples=None, max_answer_length=30, pad_token_id=0,
               nsp: bool = True, bptt: int = 35, tokenizer=None, task=None) -> TaskStep:
     """The step of `task_type`; seq2seq (and chat with task.metrics) also need the tokenizer and the task section,
-    as do the preference tasks (their loss and its settings)."""
+    as do the preference tasks (their loss and its settings) and grpo (its reward functions and sampling)."""
     if task_type == "seq2seq":
         return Seq2SeqStep(tokenizer, examples, metrics=task.metrics if task else (),
                            settings=beam_settings(task) if task else None,
@@ -517,6 +517,12 @@ def make_step(task_type: str, *, labels=None, examples=None, max_answer_length=3
             return PreferenceStep(pad_token_id=pad_token_id)
         return PreferenceStep(task.loss, beta=task.beta, label_smoothing=task.label_smoothing, gamma=task.gamma,
                               pad_token_id=pad_token_id)
+    if task_type == "grpo":
+        from tunelab.train.grpo import GRPOStep
+
+        if task is None or tokenizer is None:
+            raise ValueError("task grpo needs the task section (its reward functions) and the tokenizer")
+        return GRPOStep.from_task(task, tokenizer, pad_token_id)
     raise ValueError(f"unknown task type {task_type!r}")
 
 
