@@ -48,6 +48,7 @@ bench: venv
 	$(PY) benchmarks/task_figures.py dialogsum
 	$(PY) benchmarks/task_figures.py dialogsum-bert2bert
 	$(PY) benchmarks/task_figures.py hh-dpo
+	$(PY) benchmarks/task_figures.py grpo
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info

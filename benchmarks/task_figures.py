@@ -6,7 +6,9 @@ on rotten tomatoes against the same architecture from random initialisation, Eng
 Multi30k with the Transformer from scratch (sacreBLEU BLEU / chrF on val, and the time of beam search over
 the 1,014 sentences), and DialogSum summarization by SmolLM2 with LoRA (ROUGE-1/2/L before / after) and by a BERT2BERT
 encoder-decoder warm-started from MiniLM-L6, and LoRA DPO of SmolLM2-135M-Instruct on HH-RLHF harmless-base (reward
-accuracy and chosen - rejected margin of the held-out pairs, before and while training).
+accuracy and chosen - rejected margin of the held-out pairs, before and while training), and online GRPO of
+SmolLM2-135M-Instruct with LoRA on arithmetic problems checked by a verifier (greedy success rate on 200 held-out
+problems before training and at each evaluation).
 
     python benchmarks/task_figures.py xquad
     python benchmarks/task_figures.py alpaca
@@ -16,6 +18,7 @@ accuracy and chosen - rejected margin of the held-out pairs, before and while tr
     python benchmarks/task_figures.py dialogsum
     python benchmarks/task_figures.py dialogsum-bert2bert
     python benchmarks/task_figures.py hh-dpo
+    python benchmarks/task_figures.py grpo          # writes the arithmetic problems first if they are missing
 """
 
 from __future__ import annotations
@@ -33,9 +36,11 @@ RESULTS = ROOT / "benchmarks" / "results"
 JOBS = {"xquad": "configs/xquad-minilm.yaml", "alpaca": "configs/alpaca-smollm2-lora.yaml",
         "shakespeare": "configs/tinyshakespeare-gpt.yaml", "bert-mlm": "configs/wikitext2-bert-mlm.yaml",
         "multi30k": "configs/multi30k-transformer.yaml", "dialogsum": "configs/dialogsum-smollm2-lora.yaml",
-        "dialogsum-bert2bert": "configs/dialogsum-bert2bert.yaml", "hh-dpo": "configs/hh-rlhf-smollm2-dpo.yaml"}
+        "dialogsum-bert2bert": "configs/dialogsum-bert2bert.yaml", "hh-dpo": "configs/hh-rlhf-smollm2-dpo.yaml",
+        "grpo": "configs/arithmetic-smollm2-grpo.yaml"}
 MULTI30K_TOKENIZER = "runs/tokenizers/multi30k-bpe8k"
 WIKITEXT_WORDPIECE = "runs/tokenizers/wikitext2-wordpiece8k"  # configs/wikitext2-bert-mlm.yaml's tokenizer
+ARITHMETIC = "runs/data/arithmetic"  # configs/arithmetic-smollm2-grpo.yaml reads its train.jsonl, validation.jsonl
 FINE_TUNE = "configs/rotten-tomatoes-bert-mlm.yaml"
 SMALL_BERT = ("{family: bert, hidden_size: 256, num_layers: 4, num_heads: 4, intermediate_size: 1024, "
               "max_position_embeddings: 128, hidden_dropout: 0.1, attention_dropout: 0.1}")  # as wikitext2-bert-mlm.yaml
@@ -98,7 +103,10 @@ def main() -> None:
         data = "../shared/data/multi30k_en_de"
         subprocess.run([sys.executable, "examples/seq2seq_tokenizer.py", "--out", MULTI30K_TOKENIZER, "--vocab-size",
                         "8000", f"{data}/train.en", f"{data}/train.de"], cwd=ROOT, check=True)
-    extra = ["train.eval_at_start=true"] if args.job in ("alpaca", "dialogsum") else []
+    if args.job == "grpo" and not (ROOT / ARITHMETIC / "validation.jsonl").exists():
+        subprocess.run([sys.executable, "examples/arithmetic_data.py", "--out", ARITHMETIC, "--train", "2000",
+                        "--validation", "200", "--seed", "0"], cwd=ROOT, check=True)
+    extra = ["train.eval_at_start=true"] if args.job in ("alpaca", "dialogsum", "grpo") else []
     final, validation, minutes = run_config(JOBS[args.job], out, *args.overrides, *extra)
     history = [json.loads(line) for line in open(out / "metrics.jsonl")]
     record = {"job": args.job, "time": stamp, "minutes": minutes, "final": {k: v for k, v in final.items()
@@ -145,6 +153,23 @@ def main() -> None:
                                                   f"{r['margin']:.3f}" for r in validation))
         print(f"training pairs, margin of the first and last logging window: {train_log[0]['margin']:.3f} -> "
               f"{train_log[-1]['margin']:.3f}")
+    elif args.job == "grpo":
+        # the baseline is the evaluation at step 0 (the untrained model, greedy); final: the best evaluation
+        before, train_log = validation[0], [r for r in history if r["split"] == "train"]
+        keys = ("success_rate", "reward", "completion_length", "truncated")
+        record["validation_curve"] = [{k: r[k] for k in ("step", *keys)} for r in validation]
+        window = lambda rows: {k: sum(r[k] for r in rows) / len(rows) for k in ("reward", "success_rate",  # noqa: E731
+                                                                                 "completion_length", "kl")}
+        record["train_first_last"] = [window(train_log[:5]), window(train_log[-5:])]
+        print(f"SmolLM2-135M-Instruct LoRA GRPO on arithmetic ({final['prompts']} held-out problems, greedy), "
+              f"{minutes:.1f} min: success rate {before['success_rate']:.3f} -> {final['success_rate']:.3f} "
+              f"(best step {final['step']}), completion length {before['completion_length']:.1f} -> "
+              f"{final['completion_length']:.1f} tokens, truncated {before['truncated']:.3f} -> {final['truncated']:.3f}")
+        print("validation by step: " + ", ".join(f"{r['step']}: {r['success_rate']:.3f}" for r in validation))
+        first, last = record["train_first_last"]
+        print(f"sampled completions (T=0.8), first and last 5 logging windows: reward {first['reward']:.3f} -> "
+              f"{last['reward']:.3f}, length {first['completion_length']:.1f} -> {last['completion_length']:.1f}, "
+              f"KL {first['kl']:.4f} -> {last['kl']:.4f}")
     elif args.job == "xquad":
         print(f"XQuAD-en, held-out articles: exact match {final['exact_match']:.4f}, F1 {final['f1']:.4f} "
               f"({minutes:.1f} min)")

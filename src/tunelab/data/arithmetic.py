@@ -6,6 +6,10 @@ a one-digit number (34 + 7), "1*2" a one-digit number times a two-digit one (6 *
 numbers added. Operators: + - *; a subtraction never goes below zero (its first operand is the larger).
 Each record: {"prompt": "What is 34 + 7? Answer with the number only.", "answer": 41, "problem": "34 + 7",
 "kind": "2+1"}. The kinds take turns, so every kind is equally common; problems do not repeat.
+
+Two verifiers check the answers (`module:function` names for task.rewards): the built-in
+`tunelab.evaluate.verifiers:final_number` (the last number of the output is the answer) and `number_only` here
+(the output is a number alone, as the prompt asks; right or wrong).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from collections.abc import Sequence
 PROMPT = "What is {problem}? Answer with the number only."
 DEFAULT_KINDS = ("2+1", "1*2", "2+2")
 _KIND = re.compile(r"^[1-9](?:[-+*][1-9])+$")
+_BARE_NUMBER = re.compile(r"^\s*-?\d[\d,]*(?:\.\d+)?\.?\s*$")
 
 
 def parse_kind(kind: str) -> tuple[list[int], list[str]]:
@@ -86,3 +91,9 @@ def arithmetic_problems(count: int, *, seed: int = 0, kinds: Sequence[str] = DEF
         records.append({"prompt": template.format(problem=problem), "answer": answer, "problem": problem,
                         "kind": kind})
     return records
+
+
+def number_only(output: str, example: dict) -> bool:
+    """A verifier of the prompt's format: True when the output is one number and nothing else ("41", " 1,234."),
+    whether or not it is the answer."""
+    return bool(_BARE_NUMBER.match(output))
