@@ -42,7 +42,8 @@ class Plan:
     peak_memory_bytes: int
     chat_template: dict = field(default_factory=dict)
     reference_seconds: float = 0.0  # preference, kto: the reference pass over train + validation, once
-    evaluation_seconds: float = 0.0  # preference, kto: one evaluation of the validation set (forward only)
+    evaluation_seconds: float = 0.0  # preference, kto: one evaluation of the validation set (forward only); grpo:
+    # greedy decoding of the validation prompts
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -88,6 +89,12 @@ def make_plan(config: TrainConfig, *, timing_steps: int = 4) -> Plan:
     spread = [order[round(k * (len(order) - 1) / max(1, timing_steps))] for k in range(timing_steps + 1)]
     chosen = [longest] + spread  # the longest for memory and warm-up, then batches across the epoch
     reference_seconds = evaluation_seconds = 0.0
+    online = getattr(step, "online", False)  # GRPO: collate samples the completions, so it is timed with the step
+    if online:
+        from tunelab.train.grpo import bind_policy
+
+        bind_policy(step, model, config)
+        chosen = chosen[:3]  # each batch samples batch_size x num_generations completions: time fewer
     if getattr(step, "needs_reference", False):  # the timed batches train with their reference log-probabilities
         _time_reference(config, step, model, data, chosen, autocast)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -95,8 +102,10 @@ def make_plan(config: TrainConfig, *, timing_steps: int = 4) -> Plan:
     before = _rss_peak()
     samples: list[tuple[int, float]] = []  # (padded tokens of the batch, seconds)
     for n, indices in enumerate(chosen):
-        batch = collate([data.train.features[i] for i in indices], 0)
         start = time.perf_counter()
+        batch = collate([data.train.features[i] for i in indices], 0)
+        if not online:
+            start = time.perf_counter()
         with autocast():
             losses, counts = (objectives(x) for x in step.loss(model, batch))
         sum(losses[k] / max(1, counts[k]) for k in losses).backward()
@@ -105,12 +114,17 @@ def make_plan(config: TrainConfig, *, timing_steps: int = 4) -> Plan:
         if n > 0:
             padded = batch["input_ids"].numel() + (batch["decoder_input_ids"].numel() if "decoder_input_ids" in batch else 0)
             samples.append((padded, time.perf_counter() - start))
-    # time ~ a + b * padded tokens, fitted on the timed batches, summed over every batch of the run
-    fixed, per_token = _fit_line(samples)
-    rows = getattr(step, "rows_per_example", 1)  # preference: a pair is two rows of its length at most
-    epoch_seconds = sum(fixed + per_token * max(lengths[i] for i in b) * len(b) * rows for b in order)
-    run_seconds = epoch_seconds * total / steps_per_epoch
-    seconds_per_step = run_seconds / total
+    if online:  # completions are sampled: their length is not known from the data, so the mean timed batch
+        seconds_per_step = sum(seconds for _, seconds in samples) / len(samples) * s.grad_accum
+        run_seconds = seconds_per_step * total
+        evaluation_seconds = _time_online_evaluation(step, model, data, s, autocast)
+    else:
+        # time ~ a + b * padded tokens, fitted on the timed batches, summed over every batch of the run
+        fixed, per_token = _fit_line(samples)
+        rows = getattr(step, "rows_per_example", 1)  # preference: a pair is two rows of its length at most
+        epoch_seconds = sum(fixed + per_token * max(lengths[i] for i in b) * len(b) * rows for b in order)
+        run_seconds = epoch_seconds * total / steps_per_epoch
+        seconds_per_step = run_seconds / total
     peak = _rss_peak()
     if getattr(step, "needs_reference", False):  # timed again, warm: the first pass above paid the start-up
         reference_seconds, evaluation_seconds = _time_reference(config, step, model, data, chosen, autocast)
@@ -146,6 +160,18 @@ def _time_reference(config: TrainConfig, step, model, data, batches: list[list[i
     validation = data.validation.features if data.validation is not None else []
     evaluation = per_token * row_tokens(validation)
     return per_token * row_tokens(data.train.features) + evaluation, evaluation
+
+
+def _time_online_evaluation(step, model, data, settings, autocast) -> float:
+    """Seconds of one GRPO evaluation (greedy decoding of every validation prompt), from one timed batch."""
+    if data.validation is None or not data.validation.features:
+        return 0.0
+    features = data.validation.features
+    batch_size = settings.eval_batch_size or settings.batch_size
+    timed = features[:batch_size]
+    start = time.perf_counter()
+    step.evaluate(model, timed, batch_size, autocast)
+    return (time.perf_counter() - start) * math.ceil(len(features) / batch_size)
 
 
 def _fit_line(samples: list[tuple[int, float]]) -> tuple[float, float]:
@@ -209,6 +235,11 @@ def format_plan(plan: Plan) -> str:
         lines.insert(-2, f"reference      about {_duration(plan.reference_seconds)} once before training (reference "
                          f"log-probabilities of the train and validation rows); each evaluation about "
                          f"{_duration(plan.evaluation_seconds)}")
+    if plan.task == "grpo":
+        lines.insert(-2, "sampling       included in the time per step (sampled by the untrained model: completions "
+                         "that get shorter while training make later steps faster)"
+                     + (f"; each evaluation about {_duration(plan.evaluation_seconds)}"
+                        if plan.evaluation_seconds else ""))
     if plan.chat_template:
         t = plan.chat_template
         verdict = "same as the model's" if t["same"] else "DIFFERENT from the model's"

@@ -290,6 +290,11 @@ def test_lora_with_beta_zero_runs_no_reference(tmp_path, chat_llama_dir, files, 
     quiet(config)
     assert not calls and "kl" not in history(tmp_path / "run", "train")[0]
     assert (tmp_path / "run" / "adapter" / "adapter_config.json").exists()
+    from tunelab.evaluate.runner import evaluate_source
+
+    again = evaluate_source(str(tmp_path / "run"))  # the base model and the saved adapter, decoded greedily
+    final = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert again["reward"] == pytest.approx(final["reward"], abs=1e-6) and again["prompts"] == final["prompts"]
 
 
 # ------------------------------------------------------------------------------------------------ config errors
