@@ -164,7 +164,8 @@ def main() -> None:
         print(f"SmolLM2-135M-Instruct LoRA GRPO on arithmetic ({final['prompts']} held-out problems, greedy), "
               f"{minutes:.1f} min: success rate {before['success_rate']:.3f} -> {final['success_rate']:.3f} "
               f"(best step {final['step']}), completion length {before['completion_length']:.1f} -> "
-              f"{final['completion_length']:.1f} tokens, truncated {before['truncated']:.3f} -> {final['truncated']:.3f}")
+              f"{final['completion_length']:.1f} tokens, truncated {before['truncated']:.3f} -> "
+              f"{final['truncated']:.3f}")
         print("validation by step: " + ", ".join(f"{r['step']}: {r['success_rate']:.3f}" for r in validation))
         first, last = record["train_first_last"]
         print(f"sampled completions (T=0.8), first and last 5 logging windows: reward {first['reward']:.3f} -> "

@@ -1,5 +1,6 @@
-"""`tunelab plan / train / eval` for online GRPO, end to end through the CLI on a tiny random Llama with a ChatML
-template, arithmetic prompts made by tunelab.data.arithmetic and a verifier file that rewards a particular letter."""
+"""`tunelab plan / train / eval` for online GRPO, end to end through the CLI on tests/conftest.py's tiny random chat
+Llama (ChatML template), arithmetic prompts made by tunelab.data.arithmetic and a verifier file that rewards a
+particular letter."""
 
 from __future__ import annotations
 
@@ -13,11 +14,6 @@ import yaml
 from tunelab.cli.main import main
 from tunelab.data.arithmetic import arithmetic_problems
 
-DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
-CHATML = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 CHECKS = "def e_share(output, example):\n    return output.count('e') / max(1, len(output))\n"
 
 
@@ -27,32 +23,6 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def chat_llama(tmp_path_factory) -> Path:
-    import transformers as tf
-    from tokenizers import Tokenizer as Backend
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
-    from tunelab.tokenizer import Tokenizer
-
-    backend = Backend(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    backend.train_from_iterator((DATA / "tinyshakespeare" / "input.txt").read_text()[:20000].splitlines(), trainer)
-    path = tmp_path_factory.mktemp("cli-grpo-llama")
-    torch.manual_seed(0)
-    end = backend.token_to_id("<|im_end|>")
-    tf.LlamaForCausalLM(tf.LlamaConfig(
-        vocab_size=backend.get_vocab_size(), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, eos_token_id=end,
-        bos_token_id=end, pad_token_id=backend.token_to_id("<|endoftext|>"))).save_pretrained(path)
-    Tokenizer(backend, special_tokens={"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"},
-              chat_template=CHATML).save(path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
-"""Online GRPO (train/grpo.py) on a tiny random Llama with a ChatML template: rewards from verifiers with weights
-and from a reward model (scored as reward-model training encodes a pair), KL 0 while the policy is its reference,
-rollouts reused for num_iterations steps and exact resume, a reward that rises, and clear config errors."""
+"""Online GRPO (train/grpo.py) on the tiny random chat Llama of tests/conftest.py (ChatML template): rewards from
+verifiers with weights and from a reward model (scored as reward-model training encodes a pair), KL 0 while the
+policy is its reference, rollouts reused for num_iterations steps and exact resume, a reward that rises, and clear
+config errors."""
 
 from __future__ import annotations
 
@@ -21,11 +22,6 @@ from tunelab.train.grpo import GRPOStep, ModelReward, RepeatedGroups, Rewards, V
 from tunelab.train.preference import RewardModelStep
 from tunelab.train.run import train
 
-DATA = Path(__file__).resolve().parents[4] / "shared" / "data"
-CHATML = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 CHECKS = '''
 def e_share(output, example):
     """A reward for a particular letter: the share of the completion's characters that are 'e'."""
@@ -39,50 +35,15 @@ def long_enough(output, example):
 '''
 
 
-def _backend(specials: list[str]):
-    from tokenizers import Tokenizer as Backend
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
-    backend = Backend(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    backend.train_from_iterator((DATA / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")[:20000]
-                                .splitlines(), trainer)
-    return backend
-
-
 @pytest.fixture(scope="module")
-def chat_llama_dir(tmp_path_factory) -> Path:
-    """A tiny random Llama whose byte-level BPE tokenizer has ChatML's special tokens and template."""
-    import transformers as tf
-
-    from tunelab.tokenizer import Tokenizer
-
-    backend = _backend(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
-    path = tmp_path_factory.mktemp("grpo-llama")
-    torch.manual_seed(0)
-    end = backend.token_to_id("<|im_end|>")
-    config = tf.LlamaConfig(vocab_size=backend.get_vocab_size(), hidden_size=48, intermediate_size=96,
-                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                            max_position_embeddings=256, eos_token_id=end, bos_token_id=end,
-                            pad_token_id=backend.token_to_id("<|endoftext|>"))
-    tf.LlamaForCausalLM(config).save_pretrained(path)
-    Tokenizer(backend, special_tokens={"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"},
-              chat_template=CHATML).save(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def reward_model_dir(tmp_path_factory, chat_llama_dir) -> Path:
+def reward_model_dir(tmp_path_factory, chat_llama) -> Path:
     """A tiny random LlamaForSequenceClassification with one output (a scalar reward) and the same tokenizer."""
     import shutil
 
     import transformers as tf
 
     path = tmp_path_factory.mktemp("grpo-rm")
-    config = tf.LlamaConfig.from_pretrained(chat_llama_dir)
+    config = tf.LlamaConfig.from_pretrained(chat_llama)
     config.num_labels = 1
     torch.manual_seed(1)
     model = tf.LlamaForSequenceClassification(config)
@@ -90,8 +51,8 @@ def reward_model_dir(tmp_path_factory, chat_llama_dir) -> Path:
         model.score.weight.normal_(0.0, 1.0)  # scores that differ from one text to the next
     model.save_pretrained(path)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        if (chat_llama_dir / name).exists():
-            shutil.copy(chat_llama_dir / name, path / name)
+        if (chat_llama / name).exists():
+            shutil.copy(chat_llama / name, path / name)
     return path
 
 
@@ -173,8 +134,8 @@ def test_reward_model_scores_as_reward_model_training_encodes_a_pair(reward_mode
     assert torch.allclose(torch.tensor(scores), expected, atol=1e-5)
 
 
-def test_a_run_of_another_task_is_not_a_reward_model(tmp_path, chat_llama_dir, files):
-    config = make_config(tmp_path / "sft", chat_llama_dir, files, max_steps=1)
+def test_a_run_of_another_task_is_not_a_reward_model(tmp_path, chat_llama, files):
+    config = make_config(tmp_path / "sft", chat_llama, files, max_steps=1)
     quiet(config)  # a grpo run: its model has no classifier head, and its task is not reward_model
     with pytest.raises(ConfigError, match="this run trained task grpo, not reward_model"):
         ModelReward(str(tmp_path / "sft"))
@@ -199,8 +160,8 @@ def _bound_step(model_dir: Path, files: dict, *, beta: float = 0.04, num_iterati
     return model, step, features
 
 
-def test_kl_is_zero_while_the_policy_is_its_reference(chat_llama_dir, files):
-    model, step, features = _bound_step(chat_llama_dir, files)
+def test_kl_is_zero_while_the_policy_is_its_reference(chat_llama, files):
+    model, step, features = _bound_step(chat_llama, files)
     batch = step.collate(features[:2])
     assert batch["input_ids"].shape[0] == 8 and batch["advantages"].shape == (8,)
     assert model.training  # sampled in eval mode, put back
@@ -215,8 +176,8 @@ def test_kl_is_zero_while_the_policy_is_its_reference(chat_llama_dir, files):
                             "truncated"}
 
 
-def test_rollouts_are_reused_for_num_iterations_steps(chat_llama_dir, files):
-    model, step, features = _bound_step(chat_llama_dir, files, num_iterations=2)
+def test_rollouts_are_reused_for_num_iterations_steps(chat_llama, files):
+    model, step, features = _bound_step(chat_llama, files, num_iterations=2)
     first = step.collate(features[:2])
     again = step.collate(features[:2])
     assert step.rounds == 1 and torch.equal(first["input_ids"], again["input_ids"])
@@ -239,9 +200,9 @@ def test_rollouts_are_reused_for_num_iterations_steps(chat_llama_dir, files):
     assert list(sampler) == [[0], [2], [0]]
 
 
-def test_multiple_iterations_clip_and_resume_exactly(tmp_path, chat_llama_dir, files):
+def test_multiple_iterations_clip_and_resume_exactly(tmp_path, chat_llama, files):
     task = {"num_iterations": 2, "epsilon": 0.05}
-    straight = make_config(tmp_path / "straight", chat_llama_dir, files, task=task, max_steps=6, grad_accum=2,
+    straight = make_config(tmp_path / "straight", chat_llama, files, task=task, max_steps=6, grad_accum=2,
                            batch_size=2)
     quiet(straight)
     train_log = history(tmp_path / "straight", "train")
@@ -249,7 +210,7 @@ def test_multiple_iterations_clip_and_resume_exactly(tmp_path, chat_llama_dir, f
     assert sum(r["clip_fraction"] for r in train_log[1::2]) > 0  # second steps on a rollout: rho moved, clipped
     assert all(r["clip_fraction"] == 0 for r in train_log[0::2])  # first steps: rho = 1
     # stopped after step 3 (mid-way through a rollout's two steps), then resumed: the same run
-    stopped = make_config(tmp_path / "resumed", chat_llama_dir, files, task=task, max_steps=3, grad_accum=2,
+    stopped = make_config(tmp_path / "resumed", chat_llama, files, task=task, max_steps=3, grad_accum=2,
                           batch_size=2, save_steps=3)
     quiet(stopped)
     resumed = stopped.model_copy(update={"train": stopped.train.model_copy(update={"max_steps": 6})})
@@ -264,8 +225,8 @@ def test_multiple_iterations_clip_and_resume_exactly(tmp_path, chat_llama_dir, f
 # ------------------------------------------------------------------------------------------------ training
 
 
-def test_the_reward_rises(tmp_path, chat_llama_dir, files):
-    config = make_config(tmp_path / "run", chat_llama_dir, files, max_steps=24, eval_steps=12, eval_at_start=True,
+def test_the_reward_rises(tmp_path, chat_llama, files):
+    config = make_config(tmp_path / "run", chat_llama, files, max_steps=24, eval_steps=12, eval_at_start=True,
                          logging_steps=4)
     final = quiet(config)
     log = history(tmp_path / "run", "train")
@@ -281,12 +242,12 @@ def test_the_reward_rises(tmp_path, chat_llama_dir, files):
     assert (tmp_path / "run" / "plots").is_dir()
 
 
-def test_lora_with_beta_zero_runs_no_reference(tmp_path, chat_llama_dir, files, monkeypatch):
+def test_lora_with_beta_zero_runs_no_reference(tmp_path, chat_llama, files, monkeypatch):
     import tunelab.peft
 
     calls = []
     monkeypatch.setattr(tunelab.peft, "lora_disabled", lambda model: calls.append(model))
-    config = make_config(tmp_path / "run", chat_llama_dir, files, task={"beta": 0.0}, method="lora", max_steps=2)
+    config = make_config(tmp_path / "run", chat_llama, files, task={"beta": 0.0}, method="lora", max_steps=2)
     quiet(config)
     assert not calls and "kl" not in history(tmp_path / "run", "train")[0]
     assert (tmp_path / "run" / "adapter" / "adapter_config.json").exists()
@@ -300,24 +261,24 @@ def test_lora_with_beta_zero_runs_no_reference(tmp_path, chat_llama_dir, files, 
 # ------------------------------------------------------------------------------------------------ config errors
 
 
-def test_config_errors_are_clear(tmp_path, chat_llama_dir, files):
+def test_config_errors_are_clear(tmp_path, chat_llama, files):
     with pytest.raises(ConfigError, match="task grpo needs task.rewards"):
-        make_config(tmp_path / "a", chat_llama_dir, files, task={"rewards": []})
+        make_config(tmp_path / "a", chat_llama, files, task={"rewards": []})
     with pytest.raises(ConfigError, match="a reward is either a verifier"):
-        make_config(tmp_path / "a", chat_llama_dir, files, task={"rewards": [{"weight": 2.0}]})
+        make_config(tmp_path / "a", chat_llama, files, task={"rewards": [{"weight": 2.0}]})
     with pytest.raises(ConfigError, match="task.num_generations applies to task grpo, not chat"):
         validate(TrainConfig, {"output_dir": "x", "model": {"source": "m"}, "data": {"train": "t.jsonl"},
                                "task": {"type": "chat", "num_generations": 4}}, "c")
     with pytest.raises(ConfigError, match="task.success_threshold"):
-        make_config(tmp_path / "a", chat_llama_dir, files, task={"rewards": [{"reward_model": "runs/rm"}]})
+        make_config(tmp_path / "a", chat_llama, files, task={"rewards": [{"reward_model": "runs/rm"}]})
     with pytest.raises(ConfigError, match="data.format 'conll' holds no prompts"):
         validate(TrainConfig, {"output_dir": "x", "model": {"source": "m"}, "data": {"train": "t", "format": "conll"},
                                "task": {"type": "grpo", "rewards": [{"verifier": "a:b"}]}}, "c")
-    unknown = make_config(tmp_path / "b", chat_llama_dir, files,
+    unknown = make_config(tmp_path / "b", chat_llama, files,
                           task={"rewards": [{"verifier": "tunelab.evaluate.verifiers:final_numbr"}]})
     with pytest.raises(ConfigError, match=r"task.rewards\[0\].verifier: verifier 'tunelab.evaluate.verifiers:"
                                           r"final_numbr': tunelab.evaluate.verifiers has no function 'final_numbr'"):
         quiet(unknown)
-    missing = make_config(tmp_path / "c", chat_llama_dir, files, task={"rewards": [{"verifier": "nowhere.mod:f"}]})
+    missing = make_config(tmp_path / "c", chat_llama, files, task={"rewards": [{"verifier": "nowhere.mod:f"}]})
     with pytest.raises(ConfigError, match=r"task.rewards\[0\].verifier: .*cannot import 'nowhere.mod'"):
         quiet(missing)
