@@ -23,7 +23,7 @@ TRAIN_SPLIT = "train"
 # Keys of a metrics record that are bookkeeping, not metrics to plot.
 NON_METRIC_KEYS = frozenset({
     "step", "split", "epoch", "lr", "loss", "time", "timestamp", "elapsed", "wall_time", "runtime",
-    "samples", "tokens", "masked_tokens", "num_examples", "num_samples", "num_tokens", "samples_per_second",
+    "samples", "tokens", "masked_tokens", "num_examples", "num_samples", "num_tokens", "prompts", "samples_per_second",
     "tokens_per_second", "steps_per_second",
 })
 
@@ -130,6 +130,30 @@ def plot_curves(history: Sequence[dict], out_dir: Path) -> list[Path]:
         used_stems.add(stem)
         written.append(_line_plot(series, ylabel=name, title=name, path=out_dir / f"{stem}.png"))
     return written
+
+
+def plot_training_panels(history: Sequence[dict], panels: Sequence[Sequence[str]], path: Path, *,
+                         title: str = "Training") -> Path | None:
+    """One figure of the training records' values, a panel per group of keys (one line per key), e.g. GRPO's
+    sampled reward and success rate, KL, completion length: values the evaluation has no counterpart of.
+    Nothing is written (None) when no record has any of the keys."""
+    found = [[(key, _series(history, key, TRAIN_SPLIT).get(TRAIN_SPLIT)) for key in keys] for keys in panels]
+    found = [[(key, series) for key, series in group if series] for group in found]
+    found = [group for group in found if group]
+    if not found:
+        return None
+    columns = 2 if len(found) > 1 else 1
+    rows = -(-len(found) // columns)
+    fig = Figure(figsize=(6.0 * columns, 3.2 * rows))
+    for i, group in enumerate(found):
+        ax = fig.add_subplot(rows, columns, i + 1)
+        for key, (steps, values) in group:
+            ax.plot(steps, values, marker="" if len(steps) > 20 else "o", markersize=3, linewidth=1.4, label=key)
+        ax.set_xlabel("step")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    return _save_png(fig, path)
 
 
 def plot_confusion_matrix(

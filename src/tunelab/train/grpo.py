@@ -555,6 +555,23 @@ class GRPOSamples:
             self._tb = None
 
 
+ROLLOUT_PANELS = (("reward", "success_rate"), ("kl",), ("completion_length",), ("truncated", "zero_std_groups",
+                                                                                 "clip_fraction"))
+
+
+def plot_rollouts(run_dir: str | Path) -> Path | None:
+    """plots/rollouts.png: the sampled completions' reward and success rate, KL, length, and the shares truncated,
+    in groups of equal rewards and clipped, over the training steps (from metrics.jsonl)."""
+    from tunelab.evaluate.plots import plot_training_panels
+    from tunelab.evaluate.report import read_history
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "metrics.jsonl").exists():
+        return None
+    return plot_training_panels(read_history(run_dir / "metrics.jsonl"), ROLLOUT_PANELS,
+                                run_dir / "plots" / "rollouts.png", title="GRPO rollouts (sampled completions)")
+
+
 def prepare_grpo(config, tokenizer, labels=None):
     """PreparedData of task grpo: the prompt records of data.train (and data.validation, or validation_split of
     train), encoded; each feature carries its PromptExample as "example" (what the reward functions read)."""

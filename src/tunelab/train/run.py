@@ -804,6 +804,10 @@ def train(config: TrainConfig, *, resume: bool = False, show_progress: bool = Tr
             samples.close()
     save_final(model, tokenizer, config, run_dir)
     (run_dir / "metrics.json").write_text(json.dumps(final, indent=2) + "\n")
+    if getattr(step, "online", False):  # GRPO: the sampled completions' curves, which evaluation has no match of
+        from tunelab.train.grpo import plot_rollouts
+
+        plot_rollouts(run_dir)
     write_run_report(run_dir, config, final, trainer)
     return final
 

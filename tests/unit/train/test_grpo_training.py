@@ -239,7 +239,9 @@ def test_the_reward_rises(tmp_path, chat_llama, files):
     assert {s["step"] for s in samples} == {0, 12, 24} and {"prompt", "text", "reward", "success"} <= set(samples[0])
     report = (tmp_path / "run" / "report.md").read_text()
     assert "Samples at step 24" in report and "reward " in report
-    assert (tmp_path / "run" / "plots").is_dir()
+    assert (tmp_path / "run" / "plots" / "rollouts.png").exists() and "plots/rollouts.png" in report
+    assert (tmp_path / "run" / "plots" / "success_rate.png").exists()
+    assert not (tmp_path / "run" / "plots" / "prompts.png").exists()  # a count, not a curve
 
 
 def test_lora_with_beta_zero_runs_no_reference(tmp_path, chat_llama, files, monkeypatch):
