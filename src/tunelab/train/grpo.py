@@ -162,19 +162,20 @@ class Rewards:
                 function.name = f"{function.name}_{seen[function.name]}"
 
     @classmethod
-    def from_task(cls, task) -> "Rewards":
-        """The reward functions of a config's task section; a bad verifier name is an error naming its key."""
+    def from_task(cls, task, *, verifiers_only: bool = False) -> "Rewards | None":
+        """The reward functions of a config's task section; a bad verifier name is an error naming its key.
+        verifiers_only: only load (check) the verifiers, before a run loads its model; returns None."""
         functions: list[VerifierReward | ModelReward] = []
         for i, spec in enumerate(task.rewards):
             try:
                 if spec.verifier is not None:
                     functions.append(VerifierReward(spec.verifier, spec.weight))
-                else:
+                elif not verifiers_only:
                     functions.append(ModelReward(spec.reward_model, spec.weight))
             except TunelabError as error:
                 key = "verifier" if spec.verifier is not None else "reward_model"
                 raise ConfigError(f"task.rewards[{i}].{key}: {error}") from error
-        return cls(functions, success_threshold=task.success_threshold)
+        return None if verifiers_only else cls(functions, success_threshold=task.success_threshold)
 
     def score(self, examples: Sequence[PromptExample], texts: Sequence[str]) -> RewardScores:
         """Rewards of texts[i], the completion of examples[i]: sum_k weight_k * reward_k."""
@@ -578,6 +579,7 @@ def prepare_grpo(config, tokenizer, labels=None):
     from tunelab.data.prompts import encode_prompts, load_prompts
     from tunelab.train.run import PreparedData, _limit, _split
 
+    Rewards.from_task(config.task, verifiers_only=True)  # a misnamed verifier fails before the model loads
     d = config.data
     file_format = "auto" if d.format in ("alpaca", "messages") else d.format
     train = load_prompts(d.train_paths(), format=file_format)
