@@ -375,9 +375,10 @@ class GRPOStep:
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, int]:
         logps, mask = self._logps(model, batch)  # [R, T-1]
         old = batch["old_logps"] if "old_logps" in batch else logps.detach()  # mu = 1: rho = 1
+        reference = batch["reference_logps"].to(logps.device) if "reference_logps" in batch else None
         out = grpo_token_losses(logps, old.to(logps.device), batch["advantages"].to(logps.device), mask,
-                                reference_logps=batch.get("reference_logps"), beta=self.beta,
-                                epsilon=self.epsilon, epsilon_high=self.epsilon_high)
+                                reference_logps=reference, beta=self.beta, epsilon=self.epsilon,
+                                epsilon_high=self.epsilon_high)
         tokens = int(mask.sum())
         if "reference_logps" in batch:
             self._add("kl", float(out.kl.sum()), tokens)
@@ -423,13 +424,15 @@ class GRPOStep:
         order = sorted(range(len(features)), key=lambda i: len(features[i]["prompt_ids"]))  # little left padding
         completions: list[list[int]] = [[] for _ in features]
         ended = [False] * len(features)
-        for start in range(0, len(order), max(1, batch_size)):
-            chunk = order[start:start + max(1, batch_size)]
-            tokens, done = sample_completions(model, [list(features[i]["prompt_ids"]) for i in chunk], settings,
-                                              stop_ids, autocast)
-            for i, t, d in zip(chunk, tokens, done):
-                completions[i], ended[i] = t, d
-        model.train(was_training)
+        try:
+            for start in range(0, len(order), max(1, batch_size)):
+                chunk = order[start:start + max(1, batch_size)]
+                tokens, done = sample_completions(model, [list(features[i]["prompt_ids"]) for i in chunk], settings,
+                                                  stop_ids, autocast)
+                for i, t, d in zip(chunk, tokens, done):
+                    completions[i], ended[i] = t, d
+        finally:
+            model.train(was_training)
         examples = [f["example"] for f in features]
         texts = [completion_text(self.tokenizer, c, stop_ids) for c in completions]
         scores = self.rewards.score(examples, texts)

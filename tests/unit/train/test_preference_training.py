@@ -219,7 +219,8 @@ def test_full_fine_tuning_dpo_is_its_own_reference_before_training(chat_llama, s
     ({"type": "preference", "loss": "simpo", "reference": "x"}, "needs no reference model"),
     ({"type": "preference", "loss": "ipo", "label_smoothing": 0.1}, "label_smoothing applies to loss dpo / cdpo"),
     ({"type": "classification", "loss": "ipo"}, "task.loss (ipo) chooses the loss of task preference"),
-    ({"type": "chat", "beta": 0.2}, "task.beta and task.reference apply to the preference and kto tasks"),
+    ({"type": "chat", "beta": 0.2}, "task.beta and task.reference apply to the preference, kto and grpo tasks"),
+    ({"type": "kto", "beta": 0.0}, "task.beta of task kto must be positive"),
 ])
 def test_config_errors(raw_task, message, tmp_path):
     raw = {"output_dir": str(tmp_path), "model": {"source": "x"}, "task": raw_task, "data": {"train": "x.jsonl"}}
