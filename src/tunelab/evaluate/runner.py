@@ -175,7 +175,7 @@ def predict_source(source: str, data: DataFiles, out: str, *, task: str | None =
     model, tokenizer, config, _ = _source_config(source, data, task, overrides or [])
     labels = list(model.config.labels or [])
     kind = config.task.type
-    if kind in ("causal_lm", "recurrent_lm") or (kind == "chat" and config.data.instruction is None):
+    if kind in ("causal_lm", "recurrent_lm", "grpo") or (kind == "chat" and config.data.instruction is None):
         raise ConfigError(f"predict writes task predictions; for a {kind} model use `tunelab generate`")
     if kind == "masked_lm":
         raise ConfigError("predict writes task predictions; for a masked_lm model use `tunelab fill-mask`")
