@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -41,9 +40,9 @@ from tunelab.data.encoded import IGNORE_INDEX
 from tunelab.data.prompts import PromptExample
 from tunelab.errors import ConfigError, DataError, TunelabError
 from tunelab.losses import group_advantages, grpo_token_losses, reduce_token_losses, token_logps
+from tunelab.train.samples import SampleLog
 
 Autocast = Callable[[], Any]
-SAMPLES_FILE = "samples.jsonl"
 
 
 # ---------------------------------------------------------------------------------------------- rewards
@@ -525,38 +524,20 @@ class GRPOSamples:
 
     def __init__(self, step: GRPOStep, run_dir: str | Path, *, echo: Callable[[str], None] = print,
                  tensorboard: bool = True) -> None:
-        self.step, self.path, self.echo = step, Path(run_dir) / SAMPLES_FILE, echo
-        self._tb = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
-            except ImportError:
-                self._tb = None
+        self.step = step
+        self.log = SampleLog(run_dir, echo=echo, tensorboard=tensorboard)
 
     def __call__(self, step: int, metrics: dict | None = None) -> list[dict]:
         records = [{"step": step, "prompt": s["prompt"] + "\n", **{k: s[k] for k in ("text", "reward", "success")}}
                    for s in self.step.last_samples]
-        with open(self.path, "a", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
         rate = f", success rate {metrics['success_rate']:.3f}" if metrics and "success_rate" in metrics else ""
-        for i, r in enumerate(records):
-            verdict = "success" if r["success"] else "no success"
-            self.echo(f"--- sample {i + 1} at step {step}{rate} ---\n{r['prompt']}{r['text']}\n"
-                      f"[reward {r['reward']:.3f}, {verdict}]")
-            if self._tb is not None:
-                self._tb.add_text(f"samples/{i}", f"```\n{r['prompt']}{r['text']}\n```\nreward {r['reward']:.3f}",
-                                  step)
-        if self._tb is not None:
-            self._tb.flush()
+        notes = [(f"[reward {r['reward']:.3f}, {'success' if r['success'] else 'no success'}]",
+                  f"reward {r['reward']:.3f}") for r in records]
+        self.log.write(step, records, about=rate, notes=notes)
         return records
 
     def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+        self.log.close()
 
 
 ROLLOUT_PANELS = (("reward", "success_rate"), ("kl",), ("completion_length",), ("truncated", "zero_std_groups",

@@ -30,6 +30,29 @@ class TextSamples:
             if not ids:
                 raise ValueError(f"sample prompt {prompt!r} encodes to no tokens")
         self.settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+        self.log = SampleLog(run_dir, echo=echo, tensorboard=tensorboard)
+
+    def __call__(self, step: int, metrics: dict | None = None) -> list[dict]:
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            completions = generate(self.model, self.tokenizer, self.encoded, self.settings)
+        finally:
+            self.model.train(was_training)
+        records = [{"step": step, "prompt": prompt, "text": c.text} for prompt, c in zip(self.prompts, completions)]
+        loss = f", validation loss {metrics['loss']:.4f}" if metrics and isinstance(metrics.get("loss"), float) else ""
+        self.log.write(step, records, about=loss)
+        return records
+
+    def close(self) -> None:
+        self.log.close()
+
+
+class SampleLog:
+    """Where samples go: appended to run_dir/samples.jsonl, printed, and written to TensorBoard's Text tab (tag
+    samples/<i>). A task's sample callback makes the records; this writes them."""
+
+    def __init__(self, run_dir: str | Path, *, echo: Callable[[str], None] = print, tensorboard: bool = True) -> None:
         self.path = Path(run_dir) / SAMPLES_FILE
         self.echo = echo
         self._tb = None
@@ -41,26 +64,23 @@ class TextSamples:
             except ImportError:
                 self._tb = None
 
-    def __call__(self, step: int, metrics: dict | None = None) -> list[dict]:
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            completions = generate(self.model, self.tokenizer, self.encoded, self.settings)
-        finally:
-            self.model.train(was_training)
-        records = [{"step": step, "prompt": prompt, "text": c.text} for prompt, c in zip(self.prompts, completions)]
+    def write(self, step: int, records: list[dict], *, about: str = "",
+              notes: list[tuple[str, str]] | None = None) -> None:
+        """records: {"step", "prompt", "text", ...}; about: added to each printed heading; notes: per record, a
+        line printed after its text and one added below it in TensorBoard."""
         with open(self.path, "a", encoding="utf-8") as f:
             for record in records:
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        loss = f", validation loss {metrics['loss']:.4f}" if metrics and isinstance(metrics.get("loss"), float) else ""
         for i, record in enumerate(records):
-            self.echo(f"--- sample {i + 1} at step {step}{loss} ---\n{record['prompt']}{record['text']}")
+            printed, shown = notes[i] if notes else ("", "")
+            self.echo(f"--- sample {i + 1} at step {step}{about} ---\n{record['prompt']}{record['text']}"
+                      + (f"\n{printed}" if printed else ""))
             if self._tb is not None:
                 # Markdown: a fenced block keeps the newlines and spaces of the text
-                self._tb.add_text(f"samples/{i}", f"```\n{record['prompt']}{record['text']}\n```", step)
+                self._tb.add_text(f"samples/{i}", f"```\n{record['prompt']}{record['text']}\n```"
+                                  + (f"\n{shown}" if shown else ""), step)
         if self._tb is not None:
             self._tb.flush()
-        return records
 
     def close(self) -> None:
         if self._tb is not None:
