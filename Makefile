@@ -49,6 +49,7 @@ bench: venv
 	$(PY) benchmarks/task_figures.py dialogsum-bert2bert
 	$(PY) benchmarks/task_figures.py hh-dpo
 	$(PY) benchmarks/task_figures.py grpo
+	$(PY) benchmarks/task_figures.py sst2-loop
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info

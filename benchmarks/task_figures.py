@@ -8,7 +8,8 @@ the 1,014 sentences), and DialogSum summarization by SmolLM2 with LoRA (ROUGE-1/
 encoder-decoder warm-started from MiniLM-L6, and LoRA DPO of SmolLM2-135M-Instruct on HH-RLHF harmless-base (reward
 accuracy and chosen - rejected margin of the held-out pairs, before and while training), and online GRPO of
 SmolLM2-135M-Instruct with LoRA on arithmetic problems checked by a verifier (greedy success rate on 200 held-out
-problems before training and at each evaluation).
+problems before training and at each evaluation), and the feedback loop on SST-2 with MiniLM-L6 (dev accuracy by
+round), next to a control loop that trains on as many pool rows chosen at random.
 
     python benchmarks/task_figures.py xquad
     python benchmarks/task_figures.py alpaca
@@ -19,6 +20,7 @@ problems before training and at each evaluation).
     python benchmarks/task_figures.py dialogsum-bert2bert
     python benchmarks/task_figures.py hh-dpo
     python benchmarks/task_figures.py grpo          # writes the arithmetic problems first if they are missing
+    python benchmarks/task_figures.py sst2-loop
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ JOBS = {"xquad": "configs/xquad-minilm.yaml", "alpaca": "configs/alpaca-smollm2-
         "shakespeare": "configs/tinyshakespeare-gpt.yaml", "bert-mlm": "configs/wikitext2-bert-mlm.yaml",
         "multi30k": "configs/multi30k-transformer.yaml", "dialogsum": "configs/dialogsum-smollm2-lora.yaml",
         "dialogsum-bert2bert": "configs/dialogsum-bert2bert.yaml", "hh-dpo": "configs/hh-rlhf-smollm2-dpo.yaml",
-        "grpo": "configs/arithmetic-smollm2-grpo.yaml"}
+        "grpo": "configs/arithmetic-smollm2-grpo.yaml", "sst2-loop": "configs/sst2-minilm-loop.yaml"}
 MULTI30K_TOKENIZER = "runs/tokenizers/multi30k-bpe8k"
 WIKITEXT_WORDPIECE = "runs/tokenizers/wikitext2-wordpiece8k"  # configs/wikitext2-bert-mlm.yaml's tokenizer
 ARITHMETIC = "runs/data/arithmetic"  # configs/arithmetic-smollm2-grpo.yaml reads its train.jsonl, validation.jsonl
@@ -82,6 +84,28 @@ def bert_mlm(out: Path, overrides: list[str], stamp: str) -> dict:
                           "minutes": [tuned_minutes, scratch_minutes]}}
 
 
+def feedback_loop(out: Path, overrides: list[str], stamp: str) -> dict:
+    """The loop of configs/sst2-minilm-loop.yaml (the gold labels judge; the errors are relabelled), then the same
+    loop with a control judge that calls a random seventh of the answers bad (as many rows, chosen at random)."""
+    runs = {}
+    for name, extra in (("errors", []), ("control", ["feedback.collect=[{type: verifier, function: "
+                                                      "benchmarks/loop_control.py:random_seventh}]"])):
+        cmd = [sys.executable, "-m", "tunelab", "feedback", "loop", JOBS["sst2-loop"], f"output_dir={out / name}",
+               f"feedback.store={out / name / 'feedback.db'}", *extra, *overrides, "--no-progress"]
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        minutes = (time.perf_counter() - start) / 60
+        if proc.returncode != 0:
+            raise SystemExit(proc.stderr[-3000:])
+        rounds = [json.loads(line) for line in open(out / name / "loop.jsonl", encoding="utf-8")]
+        runs[name] = {"minutes": minutes, "rounds": [{k: r[k] for k in ("round", "score", "rows", "replayed", "bad",
+                                                                        "good", "seconds")} for r in rounds]}
+        label = "errors relabelled" if name == "errors" else "control: random rows"
+        print(f"{label} ({minutes:.1f} min): dev accuracy by round " + ", ".join(f"{r['score']:.4f}" for r in rounds)
+              + "; rows trained on per round " + ", ".join(str(r["rows"]) for r in rounds))
+    return {"job": "sst2-loop", "time": stamp, **runs}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("job", choices=sorted(JOBS))
@@ -95,6 +119,12 @@ def main() -> None:
                             "../shared/data/wikitext2/valid.txt", "--type", "wordpiece", "--vocab-size", "8000",
                             "--out", WIKITEXT_WORDPIECE], cwd=ROOT, check=True)
         record = bert_mlm(out, args.overrides, stamp)
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        with open(RESULTS / "tasks.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        return
+    if args.job == "sst2-loop":
+        record = feedback_loop(out, args.overrides, stamp)
         RESULTS.mkdir(parents=True, exist_ok=True)
         with open(RESULTS / "tasks.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")

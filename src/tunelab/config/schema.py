@@ -511,14 +511,58 @@ class CollectJudgeSection(Section):
         return self
 
 
+class LoopSection(Section):
+    """feedback.loop: `tunelab feedback loop CONFIG` (feedback/loop.py). Round 0 trains the config as it is; each
+    round after it runs the last round's model over the next examples of the pool, judges the outputs with
+    feedback.collect, builds training rows from the judgements and trains the next model, which is scored on
+    data.validation."""
+
+    rounds: int = Field(3, ge=1, description="rounds of feedback after round 0 (raise it and run again to add rounds)")
+    pool: str | list[str] | None = Field(
+        None, description="the examples the rounds' models are judged on, with their gold answers where a judge "
+        "needs them (default: data.train, after the data.max_train_examples rows round 0 trains on)")
+    pool_skip: int | None = Field(None, ge=0, description="leading pool examples that are not used (default: "
+                                  "data.max_train_examples when the pool is data.train, else 0)")
+    per_round: int = Field(1000, ge=1, description="pool examples judged in each round (round r takes the r-th slice)")
+    build: FeedbackDataSection | None = Field(
+        None, description="how each round's judgements become training rows (data.feedback's options; the loop "
+        "sets model, model_version and mix_with); default: relabel (classification, tagging) or corrections with "
+        "the gold reference (chat, seq2seq), from the bad outputs only")
+    start_from: Literal["previous", "base"] = Field(
+        "previous", description="previous: each round continues the last round's weights (methods full and "
+        "freeze); base: each round trains model.source afresh (any method, e.g. a new LoRA adapter)")
+    replay: bool = Field(True, description="mix round 0's examples and the earlier rounds' rows into each round's "
+                         "rows (as data.feedback.mix_with), so that a round does not forget what came before")
+    replay_ratio: float | None = Field(None, gt=0.0, description="replayed rows per feedback row, sampled "
+                                       "(default: all of them)")
+    train: dict[str, Any] = Field(default_factory=dict, description="train options of the feedback rounds over the "
+                                  "config's train section, e.g. {epochs: 1, lr: 2.0e-5}")
+    batch_size: int = Field(32, ge=1, description="examples per forward pass when the pool is judged")
+
+    @model_validator(mode="after")
+    def _build_is_the_loops(self) -> "LoopSection":
+        build = self.build
+        if build is not None:
+            for name in ("model", "model_version", "mix_with", "mix_ratio"):
+                if getattr(build, name) is not None:
+                    raise ValueError(f"feedback.loop.build.{name} is set by the loop for each round (the last "
+                                     f"round's model and its judgements; round 0's data and earlier rows, "
+                                     f"feedback.loop.replay and replay_ratio)")
+        if self.replay_ratio is not None and not self.replay:
+            raise ValueError("feedback.loop.replay_ratio samples the replayed rows: it needs replay true")
+        return self
+
+
 class FeedbackSection(Section):
-    """Where the job's language feedback is kept (see tunelab.feedback), and how it is collected."""
+    """Where the job's language feedback is kept (see tunelab.feedback), how it is collected, and the loop."""
 
     store: str = Field(description="the feedback store: an SQLite file or an sqlite:///path URL (`tunelab feedback "
                        "... --config CONFIG` uses it)")
     collect: list[CollectJudgeSection] = Field(
         default_factory=list, description="`tunelab feedback collect --config CONFIG`: the judges of the model's "
         "outputs, e.g. [{type: gold}, {type: verifier, function: tunelab.evaluate.verifiers:final_number}]")
+    loop: LoopSection | None = Field(
+        None, description="`tunelab feedback loop CONFIG`: rounds of predict, collect, build, train, evaluate")
 
     @field_validator("store")
     @classmethod
@@ -580,6 +624,26 @@ class TrainConfig(Section):
                 if value is not None and len(files) not in (1, 2):
                     raise ValueError(f"data.{key}: format parallel reads two line-aligned files, given as "
                                      f"[source file, target file] (to predict: the source file alone)")
+        return self
+
+    @model_validator(mode="after")
+    def _loop(self) -> "TrainConfig":
+        """feedback.loop: a round continues the last round's weights only where they are the whole model."""
+        loop = self.feedback.loop if self.feedback is not None else None
+        if loop is None:
+            return self
+        if loop.start_from == "previous" and self.method.type not in ("full", "freeze"):
+            raise ValueError(f"feedback.loop.start_from previous continues the weights of method full or freeze; "
+                             f"with method {self.method.type} each round trains a new adapter on model.source: "
+                             f"start_from base")
+        if self.data.feedback is not None:
+            raise ValueError("feedback.loop builds each round's rows itself; round 0 trains on data.train: remove "
+                             "data.feedback (its options go to feedback.loop.build)")
+        if not self.data.validation_paths():
+            raise ValueError("feedback.loop scores every round on data.validation: give a validation file (a split "
+                             "of data.train would overlap the pool)")
+        if not self.feedback.collect:
+            raise ValueError("feedback.loop needs judges in feedback.collect, e.g. [{type: gold}]")
         return self
 
     @model_validator(mode="after")

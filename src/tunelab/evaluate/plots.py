@@ -82,6 +82,25 @@ def _line_plot(series: dict[str, tuple[list[float], list[float]]], *, ylabel: st
     return _save_png(fig, path)
 
 
+def plot_rounds(rounds: Sequence[int], values: Sequence[float], *, metric: str, split: str, title: str,
+                path: Path) -> Path:
+    """One metric over the rounds of the feedback loop (round 0: before any feedback)."""
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(6.4, 4.0))
+    ax = fig.add_subplot()
+    ax.plot(list(rounds), list(values), marker="o", markersize=4, linewidth=1.4, label=split)
+    for r, v in zip(rounds, values):
+        ax.annotate(f"{v:.4g}", (r, v), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("round")
+    ax.set_ylabel(metric)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    return _save_png(fig, path)
+
+
 def _file_stem(metric: str) -> str:
     """A safe file name for a metric ("rouge/L" -> "rouge_L")."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", metric).strip("._") or "metric"
