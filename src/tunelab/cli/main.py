@@ -9,8 +9,8 @@ import sys
 from tunelab import __version__
 from tunelab.errors import TunelabError
 
-SUBCOMMANDS = ("train", "plan", "eval", "predict", "generate", "embed", "fill_mask", "convert", "models", "tokenizer",
-               "feedback")
+SUBCOMMANDS = ("train", "plan", "eval", "predict", "generate", "embed", "fill_mask", "convert", "export", "models",
+               "tokenizer", "feedback")
 
 
 def build_parser() -> argparse.ArgumentParser:
