@@ -151,8 +151,9 @@ def tokenizer_metadata(tokenizer: Tokenizer, vocab_size: int, source: str = "the
         types[index] = BYTE if kind == "llama" and _BYTE_TOKEN.match(token) else NORMAL
     for index, added in tokenizer.backend.get_added_tokens_decoder().items():
         types[index] = CONTROL if added.special else USER_DEFINED
-    if tokenizer.unk_token_id is not None:
-        types[tokenizer.unk_token_id] = UNKNOWN
+    unk = tokenizer.unk_token_id
+    if kind == "llama" and unk is not None and types[unk] == NORMAL:  # byte-level vocabularies mark no UNKNOWN
+        types[unk] = UNKNOWN
 
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     meta: dict[str, Any] = {
