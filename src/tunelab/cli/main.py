@@ -10,7 +10,7 @@ from tunelab import __version__
 from tunelab.errors import TunelabError
 
 SUBCOMMANDS = ("train", "plan", "eval", "predict", "generate", "embed", "fill_mask", "convert", "export", "models",
-               "tokenizer", "feedback")
+               "tokenizer", "feedback", "serve")
 
 
 def build_parser() -> argparse.ArgumentParser:

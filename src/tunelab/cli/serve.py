@@ -1,0 +1,45 @@
+"""tunelab serve: an OpenAI-compatible HTTP server over one model (chat, completions, embeddings) with task
+endpoints (classify, tag, answer, fill-mask, translate / summarize), whichever the model's heads can do."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API", description=__doc__)
+    p.add_argument("model", metavar="MODEL",
+                   help="registered name (see `tunelab models`), HF directory, GGUF file or a run directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0: all)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("TUNELAB_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/ (default: $TUNELAB_API_KEY, else no key)")
+    p.add_argument("--name", default=None, help="the model's name in the API (default: the name or file name)")
+    p.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16")
+    p.add_argument("--max-tokens", type=int, default=1024, help="the most tokens one request may generate")
+    p.add_argument("--max-input-tokens", type=int, default=None, help="the longest prompt or input, in tokens")
+    p.add_argument("--max-concurrent", type=int, default=8,
+                   help="requests answered at once; more get 429 (default 8)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    import uvicorn
+
+    from tunelab.serve import Engine, ServerSettings, create_app
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    engine = Engine.load(args.model, name=args.name, dtype=args.dtype)
+    settings = ServerSettings(api_key=args.api_key, max_tokens=args.max_tokens,
+                              max_input_tokens=args.max_input_tokens, max_concurrent=args.max_concurrent)
+    app = create_app(engine, settings)
+    print(f"serving {engine.name} ({engine.model.family}; {', '.join(engine.capabilities) or 'no endpoints'}) "
+          f"on http://{args.host}:{args.port}/v1" + (" (API key required)" if args.api_key else ""),
+          file=sys.stderr, flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0

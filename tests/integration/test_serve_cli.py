@@ -1,0 +1,126 @@
+"""`tunelab serve` end to end: the CLI starts uvicorn on a free port of 127.0.0.1 in a subprocess and the
+official `openai` client talks to it (chat, streaming against non-streaming, completions, embeddings, the API
+key, bad parameters), then the server is stopped."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+openai = pytest.importorskip("openai")
+
+SRC = Path(__file__).resolve().parents[2] / "src"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _serve(model: Path, *extra: str):
+    """Start `tunelab serve MODEL`; yield its base URL once /health answers; stop it afterwards."""
+    import httpx
+
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+    log = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: a full pipe would block the server
+    process = subprocess.Popen([sys.executable, "-m", "tunelab", "serve", str(model), "--port", str(port),
+                                "--threads", "1", *extra], env=env, stderr=log, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 600  # importing torch takes a minute on a busy 2-core machine
+        while True:
+            if process.poll() is not None:
+                log.seek(0)
+                pytest.fail(f"tunelab serve exited: {log.read()}")
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail("tunelab serve did not answer /health within 600 s")
+            time.sleep(0.25)
+        yield url
+    finally:
+        process.terminate()  # uvicorn shuts down gracefully on SIGTERM
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def chat_server(chat_llama):
+    yield from _serve(chat_llama, "--api-key", "k-123", "--name", "tiny-chat", "--max-tokens", "64")
+
+
+@pytest.fixture(scope="module")
+def client(chat_server):
+    return openai.OpenAI(base_url=f"{chat_server}/v1", api_key="k-123", max_retries=0)
+
+
+def test_chat_and_streaming_equal_at_temperature_zero(client):
+    assert [m.id for m in client.models.list()] == ["tiny-chat"]
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who art thou?"}]
+    whole = client.chat.completions.create(model="tiny-chat", messages=messages, max_tokens=16, temperature=0)
+    assert whole.choices[0].message.role == "assistant" and whole.choices[0].finish_reason in ("stop", "length")
+    assert whole.usage.completion_tokens >= 1
+    stream = client.chat.completions.create(model="tiny-chat", messages=messages, max_tokens=16, temperature=0,
+                                            stream=True)
+    pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
+    assert "".join(pieces) == whole.choices[0].message.content
+    assert len([p for p in pieces if p]) > 1  # token by token, not one piece at the end
+
+
+def test_completions_seed_and_n(client):
+    a = client.completions.create(model="tiny-chat", prompt="To be", max_tokens=8, temperature=0.9, seed=3, n=2)
+    b = client.completions.create(model="tiny-chat", prompt="To be", max_tokens=8, temperature=0.9, seed=3, n=2)
+    assert len(a.choices) == 2 and [c.text for c in a.choices] == [c.text for c in b.choices]
+
+
+def test_wrong_key_and_bad_parameters_then_still_serving(chat_server, client):
+    wrong = openai.OpenAI(base_url=f"{chat_server}/v1", api_key="nope", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as e:
+        wrong.models.list()
+    assert e.value.status_code == 401
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny-chat", messages=[{"role": "user", "content": "hi"}], max_tokens=-5)
+    assert e.value.body["param"] == "max_tokens"
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="tiny-chat", messages=[{"role": "user", "content": "hi"}],
+                                       temperature=7)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError):
+        client.embeddings.create(model="tiny-chat", input="a chat model does not embed")
+    ok = client.chat.completions.create(model="tiny-chat", messages=[{"role": "user", "content": "hi"}],
+                                        max_tokens=3, temperature=0)
+    assert ok.choices[0].message.content is not None
+
+
+def test_embeddings_through_the_client(tiny, tmp_path):
+    import torch
+
+    from tunelab import load
+    from tunelab.generate import embed
+
+    path = tiny.minilm_bert(tmp_path / "encoder", "BertModel")
+    for url in _serve(path):
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+        result = client.embeddings.create(model="encoder", input=["a cat", "a dog on a rug"])  # base64 on the wire
+        model, tokenizer = load(str(path))
+        expected = embed(model, tokenizer, ["a cat", "a dog on a rug"])
+        got = torch.tensor([d.embedding for d in result.data])
+        assert torch.allclose(got, expected, atol=1e-6)
+        assert result.usage.prompt_tokens > 0
