@@ -3,7 +3,7 @@ call the routes make. Routes never touch the model; they call the engine, which 
 `tunelab generate`, `embed`, `fill-mask` and `predict` (tunelab.generate, tunelab.train.tasks, tunelab.data).
 
 The model runs one call at a time (a lock): on a CPU, two forward passes at once only fight over the cores.
-Concurrent encoder-task requests are merged into one forward pass by `serve.batching`.
+Concurrent requests wait for it; they are not yet merged into one forward pass (dynamic batching is to come).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 
 from tunelab.generate.decode import Completion, Generation, GenerationSettings, max_positions
 
-# capability -> the endpoint paths it enables
+# what a model can be asked to do (Engine.capabilities is a subset)
 CAPABILITIES = ("chat", "completions", "embeddings", "classify", "tag", "answer", "fill-mask", "seq2seq")
 
 
