@@ -426,7 +426,8 @@ class MethodSection(Section):
 class TrainSection(Section):
     epochs: float | None = Field(None, gt=0)
     max_steps: int | None = Field(None, ge=1)
-    batch_size: int = Field(32, ge=1, description="examples per forward pass, summed over processes")
+    batch_size: int = Field(32, ge=1, description="examples per forward pass; under torchrun the global batch, "
+                            "each process trains on batch_size / WORLD_SIZE of its rows")
     grad_accum: int = Field(1, ge=1, description="forward passes per optimizer step")
     lr: float = Field(5e-5, gt=0)
     schedule: Literal["linear", "cosine", "constant"] = "linear"
@@ -447,6 +448,10 @@ class TrainSection(Section):
     group_by_length: bool = True
     eval_batch_size: int | None = Field(None, ge=1)
     num_threads: int | None = Field(None, ge=1, description="CPU threads (default: all cores)")
+    distributed: Literal["auto", "ddp", "fsdp"] = Field(
+        "auto", description="under torchrun with more than one process: ddp (DistributedDataParallel, a full copy "
+        "per process) or fsdp (FSDP2 fully_shard, parameters, gradients and optimizer state sharded per Transformer "
+        "block); auto: ddp. Ignored in one process. batch_size stays the global batch, split over the processes")
     sample_prompts: list[str] = Field(
         default_factory=list, description="causal_lm, chat: at each evaluation, continue each prompt and log the text "
         "(printed, samples.jsonl, TensorBoard)")

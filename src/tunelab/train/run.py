@@ -706,23 +706,48 @@ def resume_config(run_dir: str | Path) -> TrainConfig:
 
 
 def train(config: TrainConfig, *, resume: bool = False, show_progress: bool = True, log=print) -> dict:
-    """Train as the config says; returns the final validation metrics. Writes everything to output_dir."""
+    """Train as the config says; returns the final validation metrics. Writes everything to output_dir.
+
+    Under torchrun (WORLD_SIZE > 1) every process runs this: each joins the process group, trains on its share
+    of each global batch, and rank 0 alone writes the run directory, logs and evaluates (train/distributed.py).
+    """
+    from tunelab.train.distributed import setup_distributed, shutdown
+
+    if not resume:
+        check_new_run_dir(config.output_dir)
+    context = setup_distributed(config.train, method=config.method.type, task=config.task.type)
+    try:
+        return _train(config, context, resume=resume, show_progress=show_progress and context.is_main,
+                      log=log if context.is_main else (lambda *args, **kwargs: None))
+    finally:
+        shutdown(context)
+
+
+def _train(config: TrainConfig, context, *, resume: bool, show_progress: bool, log) -> dict:
     from tunelab.data.samplers import LengthGroupedSampler, RandomBatchSampler
+    from tunelab.train.distributed import wrap_model
     from tunelab.train.tasks import make_step
     from tunelab.train.trainer import Batches, Trainer
 
     run_dir = Path(config.output_dir)
-    if not resume:
-        check_new_run_dir(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    main = context.is_main
+    context.barrier()  # every process has checked output_dir before rank 0 writes to it
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
     if config.train.num_threads:
         torch.set_num_threads(config.train.num_threads)
     seed_everything(config.train.seed)
 
-    tokenizer = run_tokenizer(config, retrain=not resume)
+    if main:  # a tokenizer trained for the run: rank 0 trains and saves it, the others read it back
+        tokenizer = run_tokenizer(config, retrain=not resume)
+    context.barrier()
+    if not main:
+        tokenizer = run_tokenizer(config, save=False)
     data = prepare_data(config, tokenizer)
     seed_everything(config.train.seed)
     model, tokenizer = prepare_model(config, data.labels, tokenizer)
+    if context.device is not None:
+        model.to(context.device)
     if not data.train.features:
         where = config.data.train if config.data.feedback is None else feedback_data_files(config)[0]
         raise DataError(f"{where}: no training rows after encoding ({data.train.summary()})")
@@ -737,10 +762,15 @@ def train(config: TrainConfig, *, resume: bool = False, show_progress: bool = Tr
     log(f"model: {config.model.name} ({model.config.model_type}), {model.num_parameters() / 1e6:.1f}M parameters, "
         f"{trainable / 1e6:.2f}M trainable ({config.method.type})")
 
-    dump_config(config, run_dir / CONFIG_FILE)
-    (run_dir / "env.json").write_text(json.dumps(environment(), indent=2) + "\n")
-    if data.labels:
-        (run_dir / "labels.json").write_text(json.dumps(data.labels) + "\n")
+    if context.enabled:
+        log(f"distributed: {context.mode} over {context.world_size} processes, "
+            f"{config.train.batch_size // context.world_size} rows of each batch of {config.train.batch_size} each")
+    if main:
+        dump_config(config, run_dir / CONFIG_FILE)
+        (run_dir / "env.json").write_text(json.dumps({**environment(), "world_size": context.world_size,
+                                                      "distributed": context.mode}, indent=2) + "\n")
+        if data.labels:
+            (run_dir / "labels.json").write_text(json.dumps(data.labels) + "\n")
 
     s = config.train
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
@@ -776,12 +806,17 @@ def train(config: TrainConfig, *, resume: bool = False, show_progress: bool = Tr
         bind_policy(step, model, config)
         if config.task.num_iterations > 1:
             sampler = RepeatedGroups(sampler, s.grad_accum, config.task.num_iterations)
-        samples = GRPOSamples(step, run_dir, echo=tqdm.write if show_progress and log is print else log)
+        if main:
+            samples = GRPOSamples(step, run_dir, echo=tqdm.write if show_progress and log is print else log)
     batches = Batches(data.train.features, make_sampler, collate, seeded=seeded)
     eval_rows = data.validation.features if data.validation is not None else None
-    if getattr(step, "needs_reference", False):
-        prepare_reference(step, model, config, data.train.features, eval_rows, run_dir, log=log)
-    if s.sample_prompts:
+    if getattr(step, "needs_reference", False):  # rank 0 computes and saves them, the others read them back
+        if main:
+            prepare_reference(step, model, config, data.train.features, eval_rows, run_dir, log=log)
+        context.barrier()
+        if not main:
+            prepare_reference(step, model, config, data.train.features, eval_rows, run_dir, log=log, save=False)
+    if s.sample_prompts and main:
         from tqdm.auto import tqdm
 
         from tunelab.train.samples import TextSamples
@@ -789,12 +824,14 @@ def train(config: TrainConfig, *, resume: bool = False, show_progress: bool = Tr
         samples = TextSamples(model, tokenizer, s.sample_prompts, run_dir, max_new_tokens=s.sample_max_new_tokens,
                               temperature=s.sample_temperature, seed=s.seed,
                               echo=tqdm.write if show_progress and log is print else log)
-    trainer = Trainer(model, step, batches, eval_rows, s, run_dir, show_progress=show_progress, on_evaluate=samples)
+    trainer = Trainer(wrap_model(model, context), step, batches, eval_rows, s, run_dir, show_progress=show_progress,
+                      on_evaluate=samples, distributed=context)
     if resume:
         if trainer.resume():
             log(f"resumed from step {trainer.state.global_step} (epoch {trainer.state.epoch})")
-        _trim_metrics(run_dir / "metrics.jsonl", trainer.state.global_step)
-        _trim_metrics(run_dir / "samples.jsonl", trainer.state.global_step)
+        if main:
+            _trim_metrics(run_dir / "metrics.jsonl", trainer.state.global_step)
+            _trim_metrics(run_dir / "samples.jsonl", trainer.state.global_step)
     try:
         final = trainer.fit()
         if samples is not None and eval_rows is None:
@@ -802,14 +839,31 @@ def train(config: TrainConfig, *, resume: bool = False, show_progress: bool = Tr
     finally:
         if samples is not None:
             samples.close()
-    save_final(model, tokenizer, config, run_dir)
-    (run_dir / "metrics.json").write_text(json.dumps(final, indent=2) + "\n")
-    if getattr(step, "online", False):  # GRPO: the sampled completions' curves, which evaluation has no match of
-        from tunelab.train.grpo import plot_rollouts
+    if context.mode == "fsdp":  # the shards gathered, on rank 0, into a plain copy of the model that is saved
+        model = gathered_model(model, config, data.labels, tokenizer)
+    if main:
+        save_final(model, tokenizer, config, run_dir)
+        (run_dir / "metrics.json").write_text(json.dumps(final, indent=2) + "\n")
+        if getattr(step, "online", False):  # GRPO: the sampled completions' curves, which evaluation has no match of
+            from tunelab.train.grpo import plot_rollouts
 
-        plot_rollouts(run_dir)
-    write_run_report(run_dir, config, final, trainer)
+            plot_rollouts(run_dir)
+        write_run_report(run_dir, config, final, trainer)
+    context.barrier()  # the others wait until the final model is written
     return final
+
+
+def gathered_model(sharded, config: TrainConfig, labels: list[str], tokenizer):
+    """Of an FSDP2-sharded model, a plain one-process copy with the full trained weights on rank 0 (None on the
+    other ranks, which take part in gathering the shards)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not full:
+        return None
+    plain, _ = prepare_model(config, labels, tokenizer)
+    plain.load_state_dict(full)
+    return plain
 
 
 def check_new_run_dir(run_dir: str | Path) -> None:
@@ -821,7 +875,7 @@ def check_new_run_dir(run_dir: str | Path) -> None:
 
 
 def prepare_reference(step, model, config: TrainConfig, train_features: list, eval_features: list | None,
-                      run_dir: Path, *, log=print) -> dict[str, int]:
+                      run_dir: Path, *, log=print, save: bool = True) -> dict[str, int]:
     """The reference log-probabilities of every training and validation example, computed once before training
     (the model is still untrained: LoRA adapters are switched off, a fully fine-tuned model is its own
     reference) or read back from run_dir/reference_logps.safetensors (a resumed run)."""
@@ -834,7 +888,8 @@ def prepare_reference(step, model, config: TrainConfig, train_features: list, ev
     return attach_references(
         step, model, {"train": train_features, "validation": eval_features}, batch_size=s.eval_batch_size or s.batch_size,
         autocast=autocast, context=reference_context(config), cache=run_dir / REFERENCE_FILE,
-        reference=lambda: reference_model(model, source=config.task.reference, dtype=config.model.dtype), log=log)
+        reference=lambda: reference_model(model, source=config.task.reference, dtype=config.model.dtype), log=log,
+        save=save)
 
 
 def _trim_metrics(path: Path, step: int) -> None:

@@ -28,6 +28,7 @@ from tunelab.train.checkpointing import (
     prune_checkpoints,
     save_checkpoint,
 )
+from tunelab.train.distributed import DistributedContext, gradient_sync, is_sharded, share_of_batch, unwrap
 from tunelab.train.logging import MetricsLog
 from tunelab.train.optim import build_optimizer, build_scheduler
 
@@ -116,8 +117,13 @@ class Trainer:
         *,
         on_evaluate: Callable[[int, dict], None] | None = None,
         show_progress: bool = True,
+        distributed: DistributedContext | None = None,
     ) -> None:
+        """`model` is what the training forward passes go through: under torchrun the DDP wrapper or the
+        FSDP2-sharded model (train.distributed.wrap_model), with `distributed` saying which."""
+        self.dist = distributed or DistributedContext()
         self.model, self.task, self.train_data, self.eval_features = model, task, train, eval_features
+        self.module = unwrap(model)  # what evaluation, checkpoints and the optimizer see
         self.settings, self.run_dir = settings, Path(run_dir)
         self.device = next(model.parameters()).device
         self.amp_dtype = resolve_precision(settings.precision, self.device)
@@ -128,7 +134,7 @@ class Trainer:
             self.total_steps = settings.max_steps
         else:
             self.total_steps = max(1, math.ceil(settings.epochs * self.steps_per_epoch))
-        self.optimizer = build_optimizer(model, settings.lr, settings.weight_decay, settings.betas)
+        self.optimizer = build_optimizer(self.module, settings.lr, settings.weight_decay, settings.betas)
         self.scheduler = build_scheduler(self.optimizer, settings.schedule, settings.warmup, self.total_steps)
         self.state = TrainerState()
         self.metric = settings.metric or task.main_metric
@@ -136,8 +142,8 @@ class Trainer:
         if self.greater is None:
             lower = self.metric.endswith(("loss", "perplexity"))  # loss, mlm_loss, nsp_loss, mlm_perplexity, ...
             self.greater = task.greater_is_better if self.metric == task.main_metric else not lower
-        self.on_evaluate = on_evaluate
-        self.show_progress = show_progress
+        self.on_evaluate = on_evaluate if self.dist.is_main else None
+        self.show_progress = show_progress and self.dist.is_main
         self.final_metrics: dict[str, Any] = {}
         self.best_metrics: dict[str, Any] | None = None
         self._last_eval: tuple[int, dict, bool] | None = None  # (step, metrics, improved)
@@ -149,7 +155,7 @@ class Trainer:
         checkpoints = list_checkpoints(self.run_dir)
         if not checkpoints:
             return False
-        self.state = load_checkpoint(checkpoints[-1], self.model, self.optimizer, self.scheduler, self.task)
+        self.state = load_checkpoint(checkpoints[-1], self.module, self.optimizer, self.scheduler, self.task)
         self.best_metrics = self.state.best_metrics
         return True
 
@@ -158,7 +164,7 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         s, state = self.settings, self.state
         self.model.train()
-        log = MetricsLog(self.run_dir)
+        log = MetricsLog(self.run_dir) if self.dist.is_main else None
         progress = tqdm(
             total=self.total_steps, initial=state.global_step, desc="train", unit="step",
             disable=not self.show_progress, dynamic_ncols=True,
@@ -179,7 +185,7 @@ class Trainer:
                         indices = next(batches, None)
                         if indices is None:
                             break
-                        group.append(self.train_data.batch(indices, state.epoch))
+                        group.append(self._local_batch(indices, state.epoch))
                     if not group:
                         break
                     loss_sums, targets, tokens = self._optimizer_step(group)
@@ -203,7 +209,8 @@ class Trainer:
                             # a step may report more about its training batches (preference: rewards, margin)
                             **(self.task.pop_train_metrics() if hasattr(self.task, "pop_train_metrics") else {}),
                         }
-                        log.log(state.global_step, "train", values)
+                        if log is not None:
+                            log.log(state.global_step, "train", values)
                         progress.set_postfix(
                             loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}", tok_s=f"{values['tokens_per_second']:.0f}"
                         )
@@ -223,33 +230,54 @@ class Trainer:
         finally:
             progress.close()
         self._evaluate(log, final=True)
-        log.close()
+        if log is not None:
+            log.close()
         return self.final_metrics
 
-    def _optimizer_step(self, group: list[dict]) -> tuple[dict[str, float], dict[str, int], int]:
+    def _local_batch(self, indices: list[int], epoch: int) -> tuple[dict, float]:
+        """(this process's share of a global batch, collated; its weight). Under torchrun a short last batch can
+        leave a process no row: it then runs its first row with weight 0 (no loss, no targets), so that every
+        process takes part in the gradient all-reduce."""
+        share = share_of_batch(indices, self.dist)
+        if share:
+            return self.train_data.batch(share, epoch), 1.0
+        return self.train_data.batch(list(indices[:1]), epoch), 0.0
+
+    def _optimizer_step(self, group: list[tuple[dict, float]]) -> tuple[dict[str, float], dict[str, int], int]:
         """Forward/backward every micro-batch of `group`, each objective normalised by its targets in the
-        whole group; one update. Returns the summed loss and the targets per objective, and the tokens."""
+        whole group (over every process); one update. Returns the summed loss and the targets per objective,
+        and the tokens (of every process)."""
         total_targets: dict[str, int] = {}
-        for batch in group:
+        for batch, weight in group:
             for name, count in objectives(self.task.num_targets(batch)).items():
-                total_targets[name] = total_targets.get(name, 0) + count
+                total_targets[name] = total_targets.get(name, 0) + (count if weight else 0)
+        names = list(total_targets)
+        if self.dist.enabled:  # the targets of the whole global group; DDP / FSDP2 average: scale by the world
+            total_targets = dict(zip(names, (int(v) for v in self.dist.sum([total_targets[n] for n in names]))))
+        scale = float(self.dist.world_size)
         loss_totals = dict.fromkeys(total_targets, 0.0)
         tokens = 0
-        for batch in group:
+        for i, (batch, weight) in enumerate(group):
             batch = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
-            with self.autocast():
-                loss_sums = objectives(self.task.loss(self.model, batch)[0])
-            parts = [loss_sums[name] / max(1, total_targets[name]) for name in total_targets]
-            loss = parts[0]
-            for part in parts[1:]:
-                loss = loss + part
-            loss.backward()
+            with gradient_sync(self.model, i == len(group) - 1):
+                with self.autocast():
+                    loss_sums = objectives(self.task.loss(self.model, batch)[0])
+                parts = [loss_sums[name] / max(1, total_targets[name]) for name in total_targets]
+                loss = parts[0]
+                for part in parts[1:]:
+                    loss = loss + part
+                (loss * (scale * weight)).backward()
+            if not weight:
+                continue
             for name in total_targets:
                 loss_totals[name] += float(loss_sums[name].detach())
             if "attention_mask" in batch:
                 tokens += int(batch["attention_mask"].sum())
             if "decoder_attention_mask" in batch:  # an encoder-decoder reads the source and the target
                 tokens += int(batch["decoder_attention_mask"].sum())
+        if self.dist.enabled:  # what rank 0 logs: the losses and tokens of every process
+            summed = self.dist.sum([loss_totals[n] for n in names] + [tokens])
+            loss_totals, tokens = dict(zip(names, summed[:-1])), int(summed[-1])
         if self.settings.max_grad_norm:
             params = [p for p in self.model.parameters() if p.grad is not None]
             torch.nn.utils.clip_grad_norm_(params, self.settings.max_grad_norm)
@@ -260,21 +288,33 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation and checkpoints
 
-    def _evaluate(self, log: MetricsLog, *, final: bool = False) -> bool:
+    def _evaluate(self, log: MetricsLog | None, *, final: bool = False) -> bool:
         """Evaluate, track the best checkpoint; True when early stopping says stop.
 
-        The final call reuses an evaluation already made at this step (a run stopped early).
+        The final call reuses an evaluation already made at this step (a run stopped early). Under torchrun
+        rank 0 evaluates while the others wait (an FSDP2 model's forward passes are collective: every process
+        evaluates, rank 0 logs), and rank 0's outcome is given to every process.
         """
-        state, s = self.state, self.settings
         if not self.eval_features:
             return False
+        stop = False
+        if self.dist.is_main or is_sharded(self.model):
+            stop = self._evaluate_here(log, final=final)
+        if self.dist.enabled:
+            shared = (self.state, self.final_metrics, self.best_metrics, self._last_eval, stop)
+            self.state, self.final_metrics, self.best_metrics, self._last_eval, stop = self.dist.broadcast(shared)
+        return stop
+
+    def _evaluate_here(self, log: MetricsLog | None, *, final: bool) -> bool:
+        state, s = self.state, self.settings
         if final and self._last_eval is not None and self._last_eval[0] == state.global_step:
             _, metrics, improved = self._last_eval
         else:
             batch_size = s.eval_batch_size or s.batch_size
-            metrics = self.task.evaluate(self.model, self.eval_features, batch_size, self.autocast)
+            metrics = self.task.evaluate(self.module, self.eval_features, batch_size, self.autocast)
             self.model.train()
-            log.log(state.global_step, "validation", metrics)
+            if log is not None:
+                log.log(state.global_step, "validation", metrics)
             if self.on_evaluate:
                 self.on_evaluate(state.global_step, metrics)
             improved = self._track_best(metrics, save=not final)
@@ -282,9 +322,9 @@ class Trainer:
         self.final_metrics = {**metrics, "step": state.global_step}
         if final:
             if not improved and (self.run_dir / BEST).exists():
-                load_model_weights(self.run_dir / BEST, self.model)
-                self.final_metrics = self.best_metrics or {**self._logged_metrics(log, state.best_step),
-                                                           "step": state.best_step}
+                load_model_weights(self.run_dir / BEST, self.module)
+                logged = self._logged_metrics(log, state.best_step) if log is not None else {}
+                self.final_metrics = self.best_metrics or {**logged, "step": state.best_step}
             return False
         patience = s.early_stopping_patience
         return bool(patience and state.evals_without_improvement >= patience)
@@ -301,7 +341,7 @@ class Trainer:
             state.evals_without_improvement = 0
             self.best_metrics = state.best_metrics = {**metrics, "step": state.global_step}
             if save:
-                save_checkpoint(self.run_dir / BEST, self.model, None, None, state)
+                save_checkpoint(self.run_dir / BEST, self.module, None, None, state)
         else:
             state.evals_without_improvement += 1
         return improved
@@ -322,5 +362,6 @@ class Trainer:
     def _save(self) -> None:
         directory = self.run_dir / f"checkpoint-{self.state.global_step}"
         task_state = self.task.state_dict() if hasattr(self.task, "state_dict") else None
-        save_checkpoint(directory, self.model, self.optimizer, self.scheduler, self.state, task_state=task_state)
-        prune_checkpoints(self.run_dir, self.settings.save_total_limit)
+        save_checkpoint(directory, self.module, self.optimizer, self.scheduler, self.state, task_state=task_state)
+        if self.dist.is_main:
+            prune_checkpoints(self.run_dir, self.settings.save_total_limit)

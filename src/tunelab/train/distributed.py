@@ -1,0 +1,187 @@
+"""Scale-out with torchrun: the process group, the model wrapped for DDP or FSDP2, and the few collectives the
+Trainer needs. Nothing here is home-made parallelism: torch.distributed does the communication.
+
+`torchrun --nproc-per-node N -m tunelab train CONFIG` starts N processes with RANK, LOCAL_RANK and WORLD_SIZE
+in their environment. Every process reads the same data and computes the same seeded batch order;
+train.batch_size stays the global batch and each process trains on its share of the rows of each batch
+(`share_of_batch`). Each objective is divided by its targets over the whole global accumulation group (the
+counts are all-reduced), and the loss is multiplied by the world size because DDP and FSDP2 average the
+gradients over processes: the averaged gradient is then exactly the gradient of one process on the whole
+batch, up to the order of float additions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from tunelab.errors import ConfigError
+
+
+@dataclass
+class DistributedContext:
+    """Where this process stands: mode "none" (one process), "ddp" or "fsdp"; rank and world size."""
+
+    mode: str = "none"
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device | None = None  # None: keep the model where it is (one process)
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 writes the run directory, logs, evaluates and shows progress."""
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Element-wise sum over processes (float64, so that target counts stay exact)."""
+        if not self.enabled:
+            return list(values)
+        tensor = torch.tensor(values, dtype=torch.float64, device=self._comm_device())
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor.tolist()
+
+    def broadcast(self, value):
+        """Rank 0's `value` on every process (any picklable object)."""
+        if not self.enabled:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0, device=self._comm_device())
+        return box[0]
+
+    def _comm_device(self) -> torch.device:
+        return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def launched_world_size() -> int:
+    """WORLD_SIZE as torchrun sets it (1 when started without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def resolve_mode(setting: str, world_size: int) -> str:
+    """train.distributed for this launch: auto is ddp under torchrun with more than one process, else none."""
+    if world_size <= 1:
+        return "none"
+    return "ddp" if setting == "auto" else setting
+
+
+def setup_distributed(settings, *, method: str = "full", task: str = "") -> DistributedContext:
+    """Join torchrun's process group (gloo on CPU, nccl on CUDA, one GPU per LOCAL_RANK) as train.distributed
+    says; a plain one-process context without torchrun. Checks the global batch divides over the processes."""
+    world_size = launched_world_size()
+    mode = resolve_mode(settings.distributed, world_size)
+    if mode == "none":
+        return DistributedContext()
+    check_distributed_config(settings, world_size, mode=mode, method=method, task=task)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+    return DistributedContext(mode, rank, local_rank, world_size, device)
+
+
+def check_distributed_config(settings, world_size: int, *, mode: str, method: str, task: str) -> None:
+    """One clear line for a config that cannot train on `world_size` processes."""
+    if settings.batch_size % world_size:
+        raise ConfigError(f"train.batch_size {settings.batch_size} (the global batch) does not divide over "
+                          f"{world_size} processes (WORLD_SIZE); choose a multiple of {world_size}")
+    if mode == "fsdp" and method == "qlora":
+        raise ConfigError("method qlora trains with train.distributed: ddp (torchao's NF4 base weights are not "
+                          "sharded by FSDP2); set train.distributed=ddp")
+    if mode == "fsdp" and task == "grpo":
+        raise ConfigError("task grpo samples completions of different lengths on each process, which FSDP2's "
+                          "collective forward passes cannot follow; set train.distributed=ddp")
+    if mode == "fsdp" and settings.sample_prompts:
+        raise ConfigError("train.sample_prompts generates on rank 0 alone, which an FSDP2-sharded model cannot; "
+                          "with train.distributed=fsdp leave sample_prompts empty (or use ddp)")
+
+
+def shutdown(context: DistributedContext) -> None:
+    if context.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def share_of_batch(indices: list[int], context: DistributedContext) -> list[int]:
+    """This process's rows of a global batch: contiguous, as even as possible (the first ranks take one more row
+    when the batch does not divide; a short last batch can leave a rank with none)."""
+    if not context.enabled:
+        return list(indices)
+    per, extra = divmod(len(indices), context.world_size)
+    start = context.rank * per + min(context.rank, extra)
+    return list(indices[start:start + per + (1 if context.rank < extra else 0)])
+
+
+# ---------------------------------------------------------------------------------------------- the model
+
+
+def wrap_model(model: torch.nn.Module, context: DistributedContext) -> torch.nn.Module:
+    """The model the training forward passes go through: DDP around it, or FSDP2 applied to each Transformer
+    block (each child of a ModuleList named *layers) and then to the whole model; the model itself with one
+    process. FSDP2 changes `model` in place (its parameters become DTensor shards)."""
+    if context.mode == "none":
+        return model
+    model.to(context.device)
+    if context.mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [context.device.index] if context.device.type == "cuda" else None
+        return ModelDDP(model, device_ids=device_ids)
+    from torch.distributed.fsdp import fully_shard
+
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and name.rsplit(".", 1)[-1].endswith("layers"):
+            for block in module:
+                fully_shard(block)
+    fully_shard(model)
+    return model
+
+
+class ModelDDP(torch.nn.parallel.DistributedDataParallel):
+    """DDP whose other attributes are the model's: a task step reads model.heads (the LM head applied to the
+    hidden states in chunks, outside forward) and model.config. The gradients of parameters used outside
+    forward are all-reduced all the same: DDP's reducer hooks fire as each gradient is accumulated."""
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.module, name)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model under a DDP wrapper (an FSDP2 model is its own module)."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def gradient_sync(model: torch.nn.Module, sync: bool):
+    """A context in which backward all-reduces (or reduce-scatters) gradients only when `sync`: the last
+    micro-batch of an accumulation group."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel) and not sync:
+        return model.no_sync()
+    if is_sharded(model):
+        model.set_requires_gradient_sync(sync)
+    return contextlib.nullcontext()

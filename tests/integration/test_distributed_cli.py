@@ -1,0 +1,155 @@
+"""`torchrun -m tunelab train` with 2 CPU processes (gloo), against one process with the same global batch.
+
+train.batch_size is the global batch: each process trains on half of its rows, each objective is divided by
+the targets of the whole global accumulation group, so the loss at every step equals one process's (fp32,
+within 1e-5). Checkpoints hold full tensors: a 2-process run resumes in 1 process, an FSDP2 run's sharded
+state is gathered into a checkpoint and sharded again when a 2-process FSDP2 run resumes from it.
+Each process computes on one thread with a tiny model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from tunelab.cli.main import main
+
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+ALPACA = DATA / "alpaca_demo" / "alpaca_en_demo.json"
+SRC = Path(__file__).resolve().parents[2] / "src"
+TOLERANCE = 1e-5
+
+
+def chat_config(model_dir: Path, out: Path, **train) -> dict:
+    # 21 rows in global batches of 4: the last batch of each epoch has one row, so one process gets none
+    return {
+        "output_dir": str(out),
+        "model": {"source": str(model_dir)},
+        "task": {"type": "chat"},
+        "data": {"train": str(ALPACA), "max_length": 96, "max_train_examples": 21, "max_validation_examples": 6},
+        "train": {"max_steps": 6, "batch_size": 4, "grad_accum": 2, "lr": 3e-3, "precision": "fp32",
+                  "logging_steps": 1, "save_steps": 0, "num_threads": 1, "warmup": 0, **train},
+    }
+
+
+def write(path: Path, config: dict) -> Path:
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def one_process(*argv: str) -> None:
+    assert main([*argv, "--no-progress"]) == 0
+
+
+def torchrun(*argv: str, nproc: int = 2) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "tunelab", *argv, "--no-progress"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    return done
+
+
+def train_losses(run: Path) -> dict[int, float]:
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in lines if r["split"] == "train"}
+
+
+def max_loss_difference(a: Path, b: Path) -> float:
+    la, lb = train_losses(a), train_losses(b)
+    assert la.keys() == lb.keys() and la, (la, lb)
+    return max(abs(la[step] - lb[step]) for step in la)
+
+
+def max_weight_difference(a: Path, b: Path) -> float:
+    wa, wb = load_file(str(a)), load_file(str(b))
+    assert wa.keys() == wb.keys()
+    return max(float((wa[k] - wb[k]).abs().max()) for k in wa)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_ddp_matches_one_process_and_writes_once(chat_llama, tmp_path):
+    one = write(tmp_path / "one.yaml", chat_config(chat_llama, tmp_path / "one"))
+    one_process("train", str(one))
+    two = write(tmp_path / "two.yaml", chat_config(chat_llama, tmp_path / "two", distributed="ddp"))
+    done = torchrun("train", str(two))
+    assert "distributed: ddp over 2 processes" in done.stdout + done.stderr
+    difference = max_loss_difference(tmp_path / "one", tmp_path / "two")
+    print(f"\nDDP, 2 processes against 1: max train loss difference {difference:.2e}")
+    assert difference < TOLERANCE
+    assert max_weight_difference(tmp_path / "one" / "model" / "model.safetensors",
+                                 tmp_path / "two" / "model" / "model.safetensors") < 1e-4
+    lines = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
+    assert len([line for line in lines if '"train"' in line]) == 6  # rank 0 alone logs
+    assert json.loads((tmp_path / "two" / "env.json").read_text())["world_size"] == 2
+
+
+def test_lora_ddp_run_resumes_in_one_process(chat_llama, tmp_path):
+    config = chat_config(chat_llama, tmp_path / "two", save_steps=3, distributed="ddp")
+    config["method"] = {"type": "lora", "lora": {"r": 4, "target_modules": ["q_proj", "v_proj"]}}
+    torchrun("train", str(write(tmp_path / "two.yaml", config)))
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "two", resumed)
+    for name in ("adapter", "metrics.json", "report.md", "plots"):
+        shutil.rmtree(resumed / name, ignore_errors=True) if (resumed / name).is_dir() else (resumed / name).unlink(missing_ok=True)
+    (resumed / "config.yaml").write_text((resumed / "config.yaml").read_text().replace(str(tmp_path / "two"), str(resumed)))
+    assert [p.name for p in resumed.glob("checkpoint-*")] == ["checkpoint-3"]
+    one_process("train", "--resume", str(resumed))
+    difference = max_loss_difference(tmp_path / "two", resumed)
+    print(f"\nLoRA DDP, 2 processes, resumed at step 3 in 1: max train loss difference {difference:.2e}")
+    assert difference < TOLERANCE
+    assert max_weight_difference(tmp_path / "two" / "adapter" / "adapter_model.safetensors",
+                                 resumed / "adapter" / "adapter_model.safetensors") < 1e-4
+
+
+def test_fsdp_matches_one_process_and_its_sharded_state_reloads(chat_llama, tmp_path):
+    one = write(tmp_path / "one.yaml", chat_config(chat_llama, tmp_path / "one"))
+    one_process("train", str(one))
+    fsdp = write(tmp_path / "fsdp.yaml", chat_config(chat_llama, tmp_path / "fsdp", save_steps=3, distributed="fsdp"))
+    torchrun("train", str(fsdp))
+    difference = max_loss_difference(tmp_path / "one", tmp_path / "fsdp")
+    print(f"\nFSDP2, 2 processes against 1: max train loss difference {difference:.2e}")
+    assert difference < TOLERANCE
+    # the checkpoint holds full tensors with names of the plain model, and the optimizer state by name
+    checkpoint = tmp_path / "fsdp" / "checkpoint-3"
+    weights = load_file(str(checkpoint / "model.safetensors"))
+    final = load_file(str(tmp_path / "one" / "model" / "model.safetensors"))
+    assert all(weights[k].shape == final[k].shape for k in weights if k in final)
+    optimizer = torch.load(checkpoint / "training.pt", weights_only=False)["optimizer"]
+    assert all(isinstance(key, str) for key in optimizer["state"])
+    # resumed by 2 FSDP2 processes: every process keeps its shard of the gathered state again
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "fsdp", resumed, ignore=shutil.ignore_patterns("model", "metrics.json"))
+    (resumed / "config.yaml").write_text((resumed / "config.yaml").read_text().replace(str(tmp_path / "fsdp"), str(resumed)))
+    torchrun("train", "--resume", str(resumed))
+    difference = max_loss_difference(tmp_path / "fsdp", resumed)
+    print(f"FSDP2 resumed at step 3 by 2 processes: max train loss difference {difference:.2e}")
+    assert difference < TOLERANCE
+    assert max_weight_difference(tmp_path / "fsdp" / "model" / "model.safetensors",
+                                 resumed / "model" / "model.safetensors") < 1e-5
+
+
+def test_global_batch_must_divide_over_the_processes(chat_llama, tmp_path):
+    config = write(tmp_path / "odd.yaml", chat_config(chat_llama, tmp_path / "odd", batch_size=3))
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+               "-m", "tunelab", "train", str(config), "--no-progress"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "train.batch_size 3 (the global batch) does not divide over 2 processes" in done.stderr
