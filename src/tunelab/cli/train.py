@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 from tunelab.errors import TunelabError
 
@@ -37,6 +38,8 @@ def run(args: argparse.Namespace) -> int:
 
             config, _ = build_run_data(config, show_progress=not args.no_progress)
         final = train(config, show_progress=not args.no_progress)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports
+        return 0
     shown = {k: v for k, v in final.items() if isinstance(v, (int, float))}
     print(json.dumps(shown, indent=2))
     print(f"run directory: {config.output_dir}")

@@ -103,6 +103,9 @@ def check_distributed_config(settings, world_size: int, *, mode: str, method: st
     if settings.batch_size % world_size:
         raise ConfigError(f"train.batch_size {settings.batch_size} (the global batch) does not divide over "
                           f"{world_size} processes (WORLD_SIZE); choose a multiple of {world_size}")
+    if task == "recurrent_lm":
+        raise ConfigError("task recurrent_lm carries its recurrent state from batch to batch per stream; it trains "
+                          "in one process (run it without torchrun)")
     if mode == "fsdp" and method == "qlora":
         raise ConfigError("method qlora trains with train.distributed: ddp (torchao's NF4 base weights are not "
                           "sharded by FSDP2); set train.distributed=ddp")
