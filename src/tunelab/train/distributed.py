@@ -146,7 +146,9 @@ def wrap_model(model: torch.nn.Module, context: DistributedContext) -> torch.nn.
         from torch.nn.parallel import DistributedDataParallel
 
         device_ids = [context.device.index] if context.device.type == "cuda" else None
-        return ModelDDP(model, device_ids=device_ids)
+        # init_sync off: every process built the same model from the same files and seed, and broadcasting
+        # the frozen NF4 base weights of QLoRA (a torchao tensor subclass) is not needed
+        return ModelDDP(model, device_ids=device_ids, init_sync=False)
     from torch.distributed.fsdp import fully_shard
 
     for name, module in model.named_modules():
