@@ -4,7 +4,8 @@ train.batch_size is the global batch: each process trains on half of its rows, e
 the targets of the whole global accumulation group, so the loss at every step equals one process's (fp32,
 within 1e-5). Checkpoints hold full tensors: a 2-process run resumes in 1 process, an FSDP2 run's sharded
 state is gathered into a checkpoint and sharded again when a 2-process FSDP2 run resumes from it.
-Each process computes on one thread with a tiny model.
+Each process computes on one thread with a tiny model. (The config errors are unit tests:
+tests/unit/train/test_distributed.py.)
 """
 
 from __future__ import annotations
@@ -65,6 +66,10 @@ def train_losses(run: Path) -> dict[int, float]:
 
 
 def max_loss_difference(a: Path, b: Path) -> float:
+    for run in (a, b):  # one line per step: a resumed run logged the steps after its checkpoint once
+        steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
+                 if '"train"' in line]
+        assert steps == sorted(set(steps)), steps
     la, lb = train_losses(a), train_losses(b)
     assert la.keys() == lb.keys() and la, (la, lb)
     return max(abs(la[step] - lb[step]) for step in la)
@@ -107,7 +112,7 @@ def test_ddp_matches_one_process_and_writes_once(chat_llama, one_process_run, tm
     assert json.loads((tmp_path / "two" / "env.json").read_text())["world_size"] == 2
 
 
-def test_lora_ddp_run_resumes_in_one_process(chat_llama, tmp_path):
+def test_lora_ddp_run_resumes_in_one_process(chat_llama, tmp_path, capsys):
     config = chat_config(chat_llama, tmp_path / "two", save_steps=3, distributed="ddp")
     config["method"] = {"type": "lora", "lora": {"r": 4, "target_modules": ["q_proj", "v_proj"]}}
     torchrun("train", str(write(tmp_path / "two.yaml", config)))
@@ -118,6 +123,7 @@ def test_lora_ddp_run_resumes_in_one_process(chat_llama, tmp_path):
     (resumed / "config.yaml").write_text((resumed / "config.yaml").read_text().replace(str(tmp_path / "two"), str(resumed)))
     assert [p.name for p in resumed.glob("checkpoint-*")] == ["checkpoint-3"]
     one_process("train", "--resume", str(resumed))
+    assert "resumed from step 3" in capsys.readouterr().out
     difference = max_loss_difference(tmp_path / "two", resumed)
     print(f"\nLoRA DDP, 2 processes, resumed at step 3 in 1: max train loss difference {difference:.2e}")
     assert difference < TOLERANCE
@@ -142,7 +148,8 @@ def test_fsdp_matches_one_process_and_its_sharded_state_reloads(chat_llama, one_
     resumed = tmp_path / "resumed"
     shutil.copytree(tmp_path / "fsdp", resumed, ignore=shutil.ignore_patterns("model", "metrics.json"))
     (resumed / "config.yaml").write_text((resumed / "config.yaml").read_text().replace(str(tmp_path / "fsdp"), str(resumed)))
-    torchrun("train", "--resume", str(resumed))
+    done = torchrun("train", "--resume", str(resumed))
+    assert "resumed from step 3" in done.stdout
     difference = max_loss_difference(tmp_path / "fsdp", resumed)
     print(f"FSDP2 resumed at step 3 by 2 processes: max train loss difference {difference:.2e}")
     assert difference < TOLERANCE
