@@ -26,6 +26,7 @@ from tunelab.cli.main import main
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 ALPACA = DATA / "alpaca_demo" / "alpaca_en_demo.json"
+HH = DATA / "hh_rlhf" / "harmless-base-pairs.jsonl"
 SRC = Path(__file__).resolve().parents[2] / "src"
 TOLERANCE = 1e-5
 
@@ -155,3 +156,25 @@ def test_fsdp_matches_one_process_and_its_sharded_state_reloads(chat_llama, one_
     assert difference < TOLERANCE
     assert max_weight_difference(tmp_path / "fsdp" / "model" / "model.safetensors",
                                  resumed / "model" / "model.safetensors") < 1e-5
+
+
+def test_dpo_with_lora_matches_one_process(chat_llama, tmp_path, capsys):
+    """Preference pairs: rank 0 computes the reference log-probabilities once, the other process reads them."""
+    records = [json.loads(line) for line in HH.read_text(encoding="utf-8").splitlines()]
+    short = [r for r in records if max(len(r["chosen"]), len(r["rejected"])) < 260][:20]
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in short), encoding="utf-8")
+
+    def config(out: Path, **train) -> dict:
+        return {"output_dir": str(out), "model": {"source": str(chat_llama)}, "task": {"type": "preference"},
+                "data": {"train": str(pairs), "max_length": 160, "validation_split": 0.2},
+                "method": {"type": "lora", "lora": {"r": 4, "alpha": 8, "target_modules": ["all-linear"]}},
+                "train": {"max_steps": 4, "batch_size": 4, "lr": 5e-3, "precision": "fp32", "warmup": 0,
+                          "logging_steps": 1, "save_steps": 0, "seed": 7, "num_threads": 1, **train}}
+
+    one_process("train", str(write(tmp_path / "one.yaml", config(tmp_path / "one"))))
+    torchrun("train", str(write(tmp_path / "two.yaml", config(tmp_path / "two", distributed="ddp"))))
+    assert (tmp_path / "two" / "reference_logps.safetensors").exists()
+    difference = max_loss_difference(tmp_path / "one", tmp_path / "two")
+    print(f"\nDPO with LoRA, DDP, 2 processes against 1: max train loss difference {difference:.2e}")
+    assert difference < TOLERANCE
