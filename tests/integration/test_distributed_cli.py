@@ -178,3 +178,30 @@ def test_dpo_with_lora_matches_one_process(chat_llama, tmp_path, capsys):
     difference = max_loss_difference(tmp_path / "one", tmp_path / "two")
     print(f"\nDPO with LoRA, DDP, 2 processes against 1: max train loss difference {difference:.2e}")
     assert difference < TOLERANCE
+
+
+def test_grpo_trains_with_ddp(chat_llama, tmp_path):
+    """Online GRPO: each process samples the completions of its share of the prompts (no equality with one
+    process: the samples differ); evaluation, samples.jsonl and the model come from rank 0."""
+    from tunelab.data.arithmetic import arithmetic_problems
+
+    train = arithmetic_problems(16, seed=0, kinds=["1+1"])
+    validation = arithmetic_problems(4, seed=1, kinds=["1+1"], exclude={r["problem"] for r in train})
+    for name, records in (("train", train), ("validation", validation)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (tmp_path / "checks.py").write_text("def e_share(output, example):\n"
+                                        "    return output.count('e') / max(1, len(output))\n")
+    raw = {"output_dir": str(tmp_path / "run"), "model": {"source": str(chat_llama)},
+           "task": {"type": "grpo", "rewards": [{"verifier": f"{tmp_path / 'checks.py'}:e_share"}],
+                    "num_generations": 4, "max_new_tokens": 6, "temperature": 1.0, "beta": 0.04},
+           "data": {"train": str(tmp_path / "train.jsonl"), "validation": str(tmp_path / "validation.jsonl"),
+                    "max_length": 64},
+           "train": {"max_steps": 4, "batch_size": 4, "lr": 1e-2, "precision": "fp32", "eval_steps": 2,
+                     "logging_steps": 1, "warmup": 0, "save_steps": 2, "num_threads": 1}}
+    torchrun("train", str(write(tmp_path / "grpo.yaml", raw)))
+    run = tmp_path / "run"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["split"] == "train"] == [1, 2, 3, 4]
+    assert [r["step"] for r in records if r["split"] == "validation"] == [2, 4]
+    assert (run / "model" / "model.safetensors").exists() and (run / "samples.jsonl").exists()
+    assert (run / "checkpoint-2" / "training.pt").exists()
