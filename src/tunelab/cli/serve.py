@@ -1,5 +1,6 @@
 """tunelab serve: an OpenAI-compatible HTTP server over one model (chat, completions, embeddings) with task
-endpoints (classify, tag, answer, fill-mask, translate / summarize), whichever the model's heads can do."""
+endpoints (classify, tag, answer, fill-mask, translate / summarize), whichever the model's heads can do, and a
+feedback page at / whose ratings, critiques and corrections go to a feedback store."""
 
 from __future__ import annotations
 
@@ -23,6 +24,15 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-concurrent", type=int, default=8,
                    help="requests answered at once; more get 429 (default 8)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--feedback-store", metavar="PATH", default="feedback.db",
+                   help="where the feedback page's records go: an SQLite file or sqlite:///path URL, the store of "
+                        "`tunelab feedback` (default: feedback.db in the working directory, created at the first "
+                        "record)")
+    p.add_argument("--no-feedback", action="store_true",
+                   help="keep no feedback: the page can ask the model, but POST /v1/feedback answers 404")
+    p.add_argument("--model-version", default=None,
+                   help="the model's version in feedback records (default: a hash of its weight files, as "
+                        "`tunelab feedback collect` writes)")
     p.set_defaults(run=run)
 
 
@@ -35,11 +45,29 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     engine = Engine.load(args.model, name=args.name, dtype=args.dtype)
+    store = None if args.no_feedback else args.feedback_store
     settings = ServerSettings(api_key=args.api_key, max_tokens=args.max_tokens,
-                              max_input_tokens=args.max_input_tokens, max_concurrent=args.max_concurrent)
+                              max_input_tokens=args.max_input_tokens, max_concurrent=args.max_concurrent,
+                              feedback_store=store,
+                              model_version=(args.model_version or _version(args.model)) if store else None)
     app = create_app(engine, settings)
     print(f"serving {engine.name} ({engine.model.family}; {', '.join(engine.capabilities) or 'no endpoints'}) "
           f"on http://{args.host}:{args.port}/v1" + (" (API key required)" if args.api_key else ""),
           file=sys.stderr, flush=True)
+    print(f"feedback page: http://{args.host}:{args.port}/ "
+          + (f"(records go to {app.state.feedback.path})" if store else "(not saved: --no-feedback)"),
+          file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
+
+
+def _version(source: str) -> str | None:
+    """The model's version as `tunelab feedback collect` names it (a hash of the weight files; step and hash for
+    a run directory), so the page's records and collected ones of one model agree; None if it has none."""
+    from tunelab.errors import TunelabError
+    from tunelab.feedback.collect import source_version
+
+    try:
+        return source_version(source)
+    except (TunelabError, OSError):
+        return None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import secrets
 import struct
@@ -15,7 +16,8 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import PlainTextResponse, StreamingResponse
@@ -25,13 +27,17 @@ from tunelab.generate.decode import Completion, GenerationSettings
 from tunelab.serve import schemas as S
 from tunelab.serve.engine import Engine
 from tunelab.serve.errors import APIError, error_body, install_error_handlers, unknown_model
+from tunelab.serve.feedback_page import FeedbackSink, feedback_router, page_router
 from tunelab.serve.metrics import AccountingMiddleware, Metrics
 
 
 @dataclass
 class ServerSettings:
     """Limits and access. max_tokens caps a request's max_tokens (and is the default of a chat request);
-    max_input_tokens caps prompts and inputs (the model's own limit applies too)."""
+    max_input_tokens caps prompts and inputs (the model's own limit applies too). feedback_store: where the
+    feedback page's records go (a path, an sqlite:/// URL or an open FeedbackStore; None: the page can ask
+    but not save); model_version: the served model's version in those records (None: a hash of its
+    parameters, computed at the first record)."""
 
     api_key: str | None = None
     max_tokens: int = 1024
@@ -39,6 +45,8 @@ class ServerSettings:
     max_n: int = 8
     max_batch_inputs: int = 256
     max_concurrent: int = 8
+    feedback_store: str | Path | Any = None  # a path, an sqlite:/// URL, an open FeedbackStore, or None
+    model_version: str | None = None
 
 
 def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAPI:
@@ -47,7 +55,7 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
         limit = engine.max_input_tokens
         engine.max_input_tokens = min(settings.max_input_tokens, limit) if limit else settings.max_input_tokens
     metrics = Metrics()
-    app = FastAPI(title="tunelab", summary=f"OpenAI-compatible server of {engine.name}")
+    app = FastAPI(title="tunelab", summary=f"OpenAI-compatible server of {engine.name}", lifespan=_lifespan)
     app.state.engine, app.state.settings, app.state.metrics = engine, settings, metrics
     app.state.started = int(time.time())
     install_error_handlers(app)
@@ -63,7 +71,34 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
 
     app.include_router(openai_router(engine, settings, metrics, app.state.started),
                        dependencies=[Depends(_auth(settings.api_key))])
+    sink = FeedbackSink(settings.feedback_store) if settings.feedback_store is not None else None
+    app.state.feedback = sink
+    app.include_router(feedback_router(engine, sink, _model_version(engine, settings)),
+                       dependencies=[Depends(_auth(settings.api_key))])
+    app.include_router(page_router())
     return app
+
+
+@contextlib.asynccontextmanager
+async def _lifespan(app: FastAPI):
+    yield
+    if app.state.feedback is not None:  # the server stops: close the feedback store it opened
+        app.state.feedback.close()
+
+
+def _model_version(engine: Engine, settings: ServerSettings) -> Callable[[], str]:
+    """The served model's version for feedback records: the one given, else (once) a hash of its parameters,
+    as `tunelab feedback collect` versions a model given in memory."""
+    known: list[str] = [settings.model_version] if settings.model_version else []
+
+    def version() -> str:
+        if not known:
+            from tunelab.feedback.collect import parameters_fingerprint
+
+            known.append(f"params-{parameters_fingerprint(engine.model)}")  # reads the weights, changes nothing
+        return known[0]
+
+    return version
 
 
 def _auth(api_key: str | None) -> Callable:

@@ -44,7 +44,7 @@ def _validation_error(request: Request, exc: RequestValidationError) -> JSONResp
     if first.get("type") == "json_invalid":
         return error_response(APIError(400, f"The request body is not valid JSON: {first.get('ctx', {}).get('error', '')}"
                                        .rstrip(": "), code="invalid_json"))
-    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    loc = [str(part) for part in first.get("loc", ()) if part not in ("body", "query")]
     param = ".".join(loc) or None
     if first.get("type") == "missing" and param:
         message = f"Missing required parameter: '{param}'"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 
 class Request(BaseModel):
@@ -281,3 +281,87 @@ class TaskList(BaseModel):
     model: str
     data: list[Classification] | list[Tagging] | list[GeneratedText]
     usage: Usage
+
+
+# ---------------------------------------------------------------------------------------------- feedback
+
+FEEDBACK_SOURCES = Literal["person", "rule", "reward_model", "gold", "judge"]
+
+
+def _blank_to_none(value):
+    """An empty or white-space text field of a form is no value."""
+    return None if isinstance(value, str) and not value.strip() else value
+
+
+class FeedbackRequest(Request):
+    """POST /v1/feedback: one judged answer of the served model, stored as a FeedbackRecord (the server fills
+    in `model` and `model_version`). `input` is a text or chat messages; a record needs a verdict, a score or
+    a correction (a correction without a verdict makes the verdict bad, as `tunelab feedback review` does)."""
+
+    input: str | list[ChatMessage]
+    output: str
+    verdict: Literal["good", "bad"] | None = None
+    score: float | None = Field(default=None, allow_inf_nan=False)
+    critique: str | None = Field(default=None, max_length=20000)
+    correction: str | None = Field(default=None, max_length=20000)
+    task: str | None = Field(default=None, max_length=40)
+    source: FEEDBACK_SOURCES = "person"
+    reference: str | list | dict | int | float | bool | None = None
+    metadata: dict = Field(default_factory=dict)
+
+    _blanks = field_validator("critique", "correction", "task", mode="before")(_blank_to_none)
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _input(cls, value):
+        """A text, or messages checked one by one here so that an error names the message, not a member of
+        the union."""
+        if isinstance(value, str):
+            if not value.strip():
+                raise ValueError("the input is empty")
+            return value
+        if not isinstance(value, list):
+            raise ValueError("expected a text or a list of chat messages")
+        if not value:
+            raise ValueError("at least one message")
+        messages = []
+        for i, message in enumerate(value):
+            try:
+                messages.append(ChatMessage.model_validate(message))
+            except ValidationError as err:
+                first = err.errors()[0]
+                where = ".".join(str(p) for p in first["loc"])
+                field = f", '{where}'" if where else ""
+                raise ValueError(f"message {i}{field}: {first['msg']}") from None
+        return messages
+
+    def record_input(self) -> str | list[dict]:
+        return self.input if isinstance(self.input, str) else [m.plain() for m in self.input]
+
+
+class FeedbackItem(BaseModel):
+    """A stored feedback record, every field as `tunelab feedback export` writes it."""
+
+    object: Literal["feedback"] = "feedback"
+    id: int
+    input: str | list[dict]
+    output: str
+    model: str
+    model_version: str | None
+    verdict: str | None
+    score: float | None
+    critique: str | None
+    correction: str | None
+    source: str
+    task: str | None
+    reference: str | list | dict | int | float | bool | None
+    metadata: dict
+    created_at: str
+    updated_at: str
+
+
+class FeedbackList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[FeedbackItem]
+    store: str  # the store's file
+    total: int  # records of the served model in the store
