@@ -136,3 +136,50 @@ def test_without_the_key_the_page_asks_for_it(browser, server):
     assert focused(page) == "api-key" and page.get_attribute("#settings", "open") is not None
     assert page.inner_text("#answer") == "No answer yet."
     page.close()
+
+
+TAGS = ["O", "B-LOC", "I-LOC", "B-PER", "I-PER"]
+
+
+@pytest.mark.parametrize("head", ["classifier", "tagger"])
+def test_task_endpoint_answers_are_rated_too(browser, serve, tiny, tmp_path, head):
+    """A model with a task head: the page asks its endpoint (the only mode, so no mode choice is shown), and the
+    record holds what `tunelab feedback build relabel` reads: the label, or the tags with the words."""
+    from playwright.sync_api import expect
+
+    if head == "classifier":
+        model = tiny.minilm_bert(tmp_path / "model", "BertForSequenceClassification", ["negative", "positive"])
+        text, task = "a gentle and moving film", "classification"
+    else:
+        model = tiny.minilm_bert(tmp_path / "model", "BertForTokenClassification", TAGS)
+        text, task = "John lives in Paris", "tagging"
+    for url in serve(model, tmp_path, "--name", "tiny-task"):
+        page = browser.new_page()
+        page.goto(url + "/")
+        page.wait_for_selector("body[data-ready=true]")
+        assert page.is_hidden("#mode-field") and page.is_hidden("#new-conversation")
+        page.focus("#question")
+        page.keyboard.type(text)
+        page.keyboard.press("Enter")
+        page.wait_for_selector("#good:not([disabled])", timeout=60_000)
+        shown = page.inner_text("#answer")
+        page.focus("#correction")
+        if head == "classifier":  # the other label
+            correction = "negative" if shown.startswith("positive") else "positive"
+        else:
+            given = [pair.rsplit("/", 1)[1] for pair in shown.splitlines()[0].split()]
+            correction = "B-PER O O B-LOC" if given != ["B-PER", "O", "O", "B-LOC"] else "O O O O"
+        page.keyboard.type(correction)
+        page.keyboard.press("Control+Enter")  # submits from the text box; the correction makes it bad
+        expect(page.locator("#status")).to_contain_text("Saved: record 1")
+        page.close()
+    with FeedbackStore(tmp_path / "feedback.db") as store:  # the default store, in the server's directory
+        (record,) = store.query()
+    assert (record.model, record.task, record.verdict, record.correction) == ("tiny-task", task, "bad", correction)
+    assert record.input == text and record.source == "person"
+    if head == "classifier":
+        assert record.output in ("negative", "positive") and shown.startswith(record.output)
+        assert set(record.metadata["scores"]) == {"negative", "positive"}
+    else:
+        assert record.metadata["tokens"] == text.split() and len(record.output.split()) == 4
+        assert shown.startswith(" ".join(f"{w}/{t}" for w, t in zip(text.split(), record.output.split())))
