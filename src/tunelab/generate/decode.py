@@ -115,6 +115,62 @@ def decode_tokens(
         mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=device)], dim=1)
 
 
+class TextStreams:
+    """The text side of decoding n rows: feed each step's token ids, get each row's new text. Tokens are
+    detokenised incrementally; a row ends at an EOS id or a stop string (whose text is never shown). Shared by
+    `Generation` and the continuous batch of `tunelab.generate.batch`, so both produce the same text."""
+
+    def __init__(self, tokenizer, n: int, stop: list[str], stop_ids: set[int]) -> None:
+        self.stop_ids = stop_ids
+        self.decoders = [tokenizer.stream_decoder(skip_special_tokens=True) for _ in range(n)]
+        self.filters = [StopStringFilter(stop) for _ in range(n)]
+        self.texts = [""] * n
+        self.tokens: list[list[int]] = [[] for _ in range(n)]
+        self.reasons = ["length"] * n
+
+    @property
+    def finished(self) -> bool:
+        """Every row has ended (EOS or a stop string)."""
+        return all(r == "stop" for r in self.reasons)
+
+    def feed(self, step: list[int | None]) -> list[str]:
+        """The new text of every row after this step's tokens (None: the row already ended)."""
+        pieces = [""] * len(step)
+        for row, token in enumerate(step):
+            f = self.filters[row]
+            if token is None or f.stopped or self.reasons[row] == "stop":
+                continue
+            if token in self.stop_ids:
+                self.reasons[row] = "stop"
+                pieces[row] = f.feed(self.decoders[row].flush()) + f.flush()
+            else:
+                self.tokens[row].append(token)
+                pieces[row] = f.feed(self.decoders[row].add(token))
+                if f.stopped:
+                    self.reasons[row] = "stop"
+            self.texts[row] += pieces[row]
+        return pieces
+
+    def finish(self) -> list[str]:
+        """The held-back text of every row still running (decoding stopped at its length limit)."""
+        tail = ["" if self.reasons[row] == "stop" else self.filters[row].feed(self.decoders[row].flush())
+                + self.filters[row].flush() for row in range(len(self.reasons))]
+        for row, piece in enumerate(tail):
+            self.texts[row] += piece
+        return tail
+
+    def completions(self, prompts: list[list[int]]) -> list[Completion]:
+        return [Completion(self.texts[row], self.tokens[row], self.reasons[row], len(prompts[row]))
+                for row in range(len(self.reasons))]
+
+
+def stop_ids_of(model: Model, tokenizer, settings: GenerationSettings) -> set[int]:
+    """The token ids that end a row: the settings' own, else the model's and tokenizer's EOS."""
+    if settings.eos_token_ids is not None:
+        return set(settings.eos_token_ids)
+    return eos_ids(model, tokenizer)
+
+
 class Generation:
     """Decode `prompts` and stream their text: iterate to get, each step, the new text of every row;
     `completions` holds the finished results once iteration ends."""
@@ -124,44 +180,18 @@ class Generation:
         self.completions: list[Completion] = []
 
     def __iter__(self) -> Iterator[list[str]]:
-        stop_ids = set(self.settings.eos_token_ids) if self.settings.eos_token_ids is not None else eos_ids(
-            self.model, self.tokenizer
-        )
-        n = len(self.prompts)
-        decoders = [self.tokenizer.stream_decoder(skip_special_tokens=True) for _ in range(n)]
-        filters = [StopStringFilter(self.settings.stop) for _ in range(n)]
-        texts = [""] * n
-        tokens: list[list[int]] = [[] for _ in range(n)]
-        reasons = ["length"] * n
+        stop_ids = stop_ids_of(self.model, self.tokenizer, self.settings)
+        streams = TextStreams(self.tokenizer, len(self.prompts), self.settings.stop, stop_ids)
         for step in decode_tokens(self.model, self.prompts, self.settings, stop_ids):
-            pieces = [""] * n
-            for row, token in enumerate(step):
-                if token is None or filters[row].stopped or reasons[row] == "stop":
-                    continue
-                if token in stop_ids:
-                    reasons[row] = "stop"
-                    pieces[row] = filters[row].feed(decoders[row].flush()) + filters[row].flush()
-                else:
-                    tokens[row].append(token)
-                    pieces[row] = filters[row].feed(decoders[row].add(token))
-                    if filters[row].stopped:
-                        reasons[row] = "stop"
-                texts[row] += pieces[row]
+            pieces = streams.feed(step)
             if any(pieces):
                 yield pieces
-            if all(r == "stop" for r in reasons):
+            if streams.finished:
                 break
-        tail = [
-            "" if reasons[row] == "stop" else filters[row].feed(decoders[row].flush()) + filters[row].flush()
-            for row in range(n)
-        ]
+        tail = streams.finish()
         if any(tail):
-            for row in range(n):
-                texts[row] += tail[row]
             yield tail
-        self.completions = [
-            Completion(texts[row], tokens[row], reasons[row], len(self.prompts[row])) for row in range(n)
-        ]
+        self.completions = streams.completions(self.prompts)
 
 
 def generate(model: Model, tokenizer, prompts: list[list[int]], settings: GenerationSettings) -> list[Completion]:
