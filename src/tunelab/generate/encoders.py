@@ -46,31 +46,46 @@ class MaskPrediction:
     sequence: str
 
 
-@torch.inference_mode()
 def fill_mask(model: Model, tokenizer, text: str, *, top_k: int = 5) -> list[list[MaskPrediction]]:
     """The top_k tokens for every mask token in `text`, with probabilities (one list per mask)."""
+    return fill_masks(model, tokenizer, [text], top_k=top_k)[0]
+
+
+@torch.inference_mode()
+def fill_masks(model: Model, tokenizer, texts: list[str], *, top_k: int = 5) -> list[list[list[MaskPrediction]]]:
+    """fill_mask for several texts in one padded forward pass (right padding, masked out)."""
     if "mlm" not in model.heads:
         raise TypeError("this model has no masked-LM head; fill-mask needs one (e.g. a BertForMaskedLM checkpoint)")
     mask_token, mask_id = tokenizer.mask_token, tokenizer.mask_token_id
     if mask_id is None:
         raise ValueError("the tokenizer has no mask token")
-    ids = tokenizer.encode(text)
-    positions = [i for i, t in enumerate(ids) if t == mask_id]
-    if not positions:
-        raise ValueError(f"the text has no {mask_token} token")
-    input_ids = torch.tensor([ids])
-    logits = model(input_ids, heads=("mlm",)).logits["mlm"][0]  # [T, V]
-    results = []
-    for pos in positions:
-        probs = logits[pos].float().softmax(dim=-1)
-        top = torch.topk(probs, min(top_k, probs.shape[-1]))
-        preds = []
-        for p, t in zip(top.values.tolist(), top.indices.tolist()):
-            filled = list(ids)
-            filled[pos] = t
-            preds.append(MaskPrediction(tokenizer.decode([t]).strip(), t, p, tokenizer.decode(filled)))
-        results.append(preds)
-    return results
+    encoded = [tokenizer.encode(text) for text in texts]
+    for ids in encoded:
+        if mask_id not in ids:
+            raise ValueError(f"the text has no {mask_token} token")
+    T = max(len(ids) for ids in encoded)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    input_ids = torch.full((len(encoded), T), pad, dtype=torch.long)
+    attention_mask = torch.zeros(len(encoded), T, dtype=torch.long)
+    for row, ids in enumerate(encoded):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        attention_mask[row, : len(ids)] = 1
+    device = next(model.parameters()).device
+    logits = model(input_ids.to(device), attention_mask.to(device), heads=("mlm",)).logits["mlm"]  # [B, T, V]
+    out = []
+    for row, ids in enumerate(encoded):
+        results = []
+        for pos in (i for i, t in enumerate(ids) if t == mask_id):
+            probs = logits[row, pos].float().softmax(dim=-1)
+            top = torch.topk(probs, min(top_k, probs.shape[-1]))
+            preds = []
+            for p, t in zip(top.values.tolist(), top.indices.tolist()):
+                filled = list(ids)
+                filled[pos] = t
+                preds.append(MaskPrediction(tokenizer.decode([t]).strip(), t, p, tokenizer.decode(filled)))
+            results.append(preds)
+        out.append(results)
+    return out
 
 
 @dataclass
