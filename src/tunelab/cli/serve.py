@@ -21,8 +21,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16")
     p.add_argument("--max-tokens", type=int, default=1024, help="the most tokens one request may generate")
     p.add_argument("--max-input-tokens", type=int, default=None, help="the longest prompt or input, in tokens")
-    p.add_argument("--max-concurrent", type=int, default=8,
-                   help="requests answered at once; more get 429 (default 8)")
+    p.add_argument("--max-concurrent", type=int, default=64,
+                   help="requests in the server at once, being answered or waiting; more get 429 (default 64)")
+    p.add_argument("--max-batch", type=int, default=32,
+                   help="the most inputs in one encoder forward pass and sequences decoded together (default 32)")
+    p.add_argument("--batch-wait-ms", type=float, default=5.0,
+                   help="how long the first request of a batch waits for others, in ms (default 5)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--feedback-store", metavar="PATH", default="feedback.db",
                    help="where the feedback page's records go: an SQLite file or sqlite:///path URL, the store of "
@@ -48,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
     store = None if args.no_feedback else args.feedback_store
     settings = ServerSettings(api_key=args.api_key, max_tokens=args.max_tokens,
                               max_input_tokens=args.max_input_tokens, max_concurrent=args.max_concurrent,
+                              max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
                               feedback_store=store,
                               model_version=(args.model_version or _version(args.model)) if store else None)
     app = create_app(engine, settings)

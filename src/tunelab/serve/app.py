@@ -33,18 +33,22 @@ from tunelab.serve.metrics import AccountingMiddleware, Metrics
 
 @dataclass
 class ServerSettings:
-    """Limits and access. max_tokens caps a request's max_tokens (and is the default of a chat request);
-    max_input_tokens caps prompts and inputs (the model's own limit applies too). feedback_store: where the
-    feedback page's records go (a path, an sqlite:/// URL or an open FeedbackStore; None: the page can ask
-    but not save); model_version: the served model's version in those records (None: a hash of its
-    parameters, computed at the first record)."""
+    """Limits, access, batching and feedback. max_tokens caps a request's max_tokens (and is the default of a chat
+    request); max_input_tokens caps prompts and inputs (the model's own limit applies too). max_concurrent requests
+    are in the server at once, decoded or waiting for their turn; more get 429. max_batch: the most inputs of one
+    encoder forward pass and the most sequences decoded together; batch_wait_ms: how long a batch waits to fill.
+    feedback_store: where the feedback page's records go (a path, an sqlite:/// URL or an open FeedbackStore;
+    None: the page can ask but not save); model_version: the served model's version in those records (None: a
+    hash of its parameters, computed at the first record)."""
 
     api_key: str | None = None
     max_tokens: int = 1024
     max_input_tokens: int | None = None
     max_n: int = 8
     max_batch_inputs: int = 256
-    max_concurrent: int = 8
+    max_concurrent: int = 64
+    max_batch: int = 32
+    batch_wait_ms: float = 5.0
     feedback_store: str | Path | Any = None  # a path, an sqlite:/// URL, an open FeedbackStore, or None
     model_version: str | None = None
 
@@ -54,7 +58,10 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
     if settings.max_input_tokens is not None:
         limit = engine.max_input_tokens
         engine.max_input_tokens = min(settings.max_input_tokens, limit) if limit else settings.max_input_tokens
+    if (engine.max_batch, engine.batch_wait) != (settings.max_batch, settings.batch_wait_ms / 1000):
+        engine.configure_batching(max_batch=settings.max_batch, batch_wait_ms=settings.batch_wait_ms)
     metrics = Metrics()
+    metrics.extra = engine.batch_metrics
     app = FastAPI(title="tunelab", summary=f"OpenAI-compatible server of {engine.name}", lifespan=_lifespan)
     app.state.engine, app.state.settings, app.state.metrics = engine, settings, metrics
     app.state.started = int(time.time())

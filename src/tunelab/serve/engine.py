@@ -2,8 +2,11 @@
 call the routes make. Routes never touch the model; they call the engine, which reuses the code of
 `tunelab generate`, `embed`, `fill-mask` and `predict` (tunelab.generate, tunelab.train.tasks, tunelab.data).
 
-The model runs one call at a time (a lock): on a CPU, two forward passes at once only fight over the cores.
-Concurrent requests wait for it; they are not yet merged into one forward pass (dynamic batching is to come).
+Concurrent requests are batched (serve/batching.py): the inputs of single-pass tasks (classify, tag, embeddings,
+fill-mask, answer) that arrive within a few milliseconds run in one padded forward pass, and a Transformer
+decoder's chat and completion requests share one continuously batched decoding loop (each with its own KV cache
+rows and settings). The model still runs one forward pass at a time (a lock): on a CPU, two passes at once only
+fight over the cores. Recurrent language models and encoder-decoders (beam search) run one request at a time.
 """
 
 from __future__ import annotations
@@ -12,11 +15,10 @@ import contextlib
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
-
-import torch
+from typing import Callable, Hashable, Iterator, Sequence
 
 from tunelab.generate.decode import Completion, Generation, GenerationSettings, max_positions
+from tunelab.serve.batching import DecodeScheduler, EncoderBatcher
 
 # what a model can be asked to do (Engine.capabilities is a subset)
 CAPABILITIES = ("chat", "completions", "embeddings", "classify", "tag", "answer", "fill-mask", "seq2seq")
@@ -43,13 +45,52 @@ def _no_autocast() -> contextlib.AbstractContextManager:
 class Engine:
     """A loaded model and tokenizer under a public name, with one method per capability."""
 
-    def __init__(self, model, tokenizer, name: str, *, max_input_tokens: int | None = None) -> None:
+    def __init__(self, model, tokenizer, name: str, *, max_input_tokens: int | None = None, max_batch: int = 32,
+                 batch_wait_ms: float = 5.0) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.name = name
         self.lock = threading.Lock()
         self.capabilities = self._capabilities()
         self.max_input_tokens = self._input_limit(max_input_tokens)
+        self.configure_batching(max_batch=max_batch, batch_wait_ms=batch_wait_ms)
+
+    def configure_batching(self, *, max_batch: int = 32, batch_wait_ms: float = 5.0) -> None:
+        """max_batch: the most inputs in one encoder forward pass and the most sequences decoded together;
+        batch_wait_ms: how long the first request of a batch waits for others. Call before serving."""
+        self.max_batch, self.batch_wait = max(1, max_batch), max(0.0, batch_wait_ms) / 1000
+        self._batchers: dict[str, EncoderBatcher] = {}
+        self.decoder: DecodeScheduler | None = None
+        if "completions" in self.capabilities and not self.model.is_recurrent:
+            self.decoder = DecodeScheduler(self.model, self.tokenizer, self.lock, max_batch=self.max_batch,
+                                           wait=self.batch_wait)
+
+    def _batched(self, task: str, run: Callable[[Hashable, list], list]) -> EncoderBatcher:
+        """The dynamic batcher of `task` (made on first use), calling `run(key, inputs)`."""
+        if task not in self._batchers:
+            self._batchers[task] = EncoderBatcher(run, self.lock, max_batch=self.max_batch, wait=self.batch_wait,
+                                                  name=task)
+        return self._batchers[task]
+
+    def forward_passes(self) -> dict[str, int]:
+        """Batches run so far per task ("generate": prefills and decoding steps)."""
+        counts = {task: b.passes for task, b in self._batchers.items()}
+        if self.decoder is not None:
+            counts["generate"] = self.decoder.steps
+        return counts
+
+    def batch_metrics(self) -> list[str]:
+        """Prometheus lines on batching: forward passes per task; requests decoding and waiting."""
+        lines = ["# HELP tunelab_forward_passes_total Batched forward passes, by task.",
+                 "# TYPE tunelab_forward_passes_total counter"]
+        lines += [f'tunelab_forward_passes_total{{task="{t}"}} {n}' for t, n in sorted(self.forward_passes().items())]
+        if self.decoder is not None:
+            stats = self.decoder.stats()
+            lines += ["# HELP tunelab_decode_requests Generation requests in the running batch and waiting for it.",
+                      "# TYPE tunelab_decode_requests gauge",
+                      f'tunelab_decode_requests{{state="running"}} {stats["running"]}',
+                      f'tunelab_decode_requests{{state="waiting"}} {stats["waiting"]}']
+        return lines
 
     @classmethod
     def load(cls, source: str, *, name: str | None = None, dtype: str | None = None,
@@ -117,17 +158,28 @@ class Engine:
         return ids
 
     def generate(self, prompts: list[list[int]], settings: GenerationSettings) -> list[Completion]:
-        """Decode prompts together (left-padded, one KV cache) to the end."""
-        with self.lock:
-            generation = Generation(self.model, self.tokenizer, prompts, settings)
-            for _ in generation:
-                pass
-        return generation.completions
+        """Decode prompts to the end (in the running batch with other requests' prompts)."""
+        completions: list[Completion] = []
+        for item in self.stream(prompts, settings):
+            if item and isinstance(item[0], Completion):
+                completions = item
+        return completions
 
     def stream(self, prompts: list[list[int]], settings: GenerationSettings,
                cancelled: threading.Event | None = None) -> Iterator[list[str] | list[Completion]]:
-        """Yield each step's new text of every prompt, then (last) the list of Completions. Holds the model
-        for the whole generation; stops early when `cancelled` is set (the client went away)."""
+        """Yield each step's new text of every prompt, then (last) the list of Completions. The prompts join the
+        running batch; they leave it when `cancelled` is set (the client went away) or this iterator is closed."""
+        if self.decoder is None:
+            yield from self._serial_stream(prompts, settings, cancelled)
+            return
+        submission = self.decoder.submit(prompts, settings, cancelled)
+        try:
+            yield from submission
+        finally:
+            submission.cancel()  # a no-op once it has ended
+
+    def _serial_stream(self, prompts, settings, cancelled) -> Iterator[list[str] | list[Completion]]:
+        """Recurrent models: one request at a time, holding the model for the whole generation."""
         with self.lock:
             generation = Generation(self.model, self.tokenizer, prompts, settings)
             for pieces in generation:
@@ -138,13 +190,17 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------ encoders
 
-    @torch.inference_mode()
+    # Each task checks a request's inputs here, in the request's thread, then hands them to its batcher; the
+    # batcher's worker runs `_<task>_batch(key, inputs of several requests)` in one pass.
+
     def embed(self, texts: list[str]) -> list[list[float]]:
+        self.require("embeddings")
+        return self._batched("embeddings", self._embed_batch)(texts)
+
+    def _embed_batch(self, _, texts: list[str]) -> list[list[float]]:
         from tunelab.generate.encoders import embed
 
-        self.require("embeddings")
-        with self.lock:
-            return embed(self.model, self.tokenizer, texts).tolist()
+        return embed(self.model, self.tokenizer, texts, batch_size=len(texts)).tolist()
 
     def count_tokens(self, texts: Sequence[str]) -> int:
         return sum(len(self.tokenizer.encode(t)) for t in texts)
@@ -152,40 +208,50 @@ class Engine:
     def classify(self, texts: list[str], pairs: list[str] | None = None) -> list[dict]:
         """{"label", "score", "scores"} per text (or text pair), as `tunelab predict` writes them."""
         from tunelab.data.classification import ClassificationExample, encode_classification
-        from tunelab.train.tasks import ClassificationStep
 
         self.require("classify")
-        labels = self._labels("classifier")
         examples = [ClassificationExample(t, pairs[i] if pairs else None, None, f"input[{i}]")
                     for i, t in enumerate(texts)]
         features = encode_classification(examples, self.tokenizer, self.max_input_tokens or 512).features
-        with self.lock:
-            return ClassificationStep(labels, self._pad_id()).predict(self.model, features, 32, _no_autocast)
+        return self._batched("classify", self._classify_batch)(features)
+
+    def _classify_batch(self, _, features: list[dict]) -> list[dict]:
+        from tunelab.train.tasks import ClassificationStep
+
+        step = ClassificationStep(self._labels("classifier"), self._pad_id())
+        return step.predict(self.model, features, len(features), _no_autocast)
 
     def tag(self, sentences: list[list[str]]) -> list[list[str]]:
         """One tag per word of every sentence (words given, or the text split on white space)."""
         from tunelab.data.tagging import TaggingExample, encode_tagging
-        from tunelab.train.tasks import TaggingStep
 
         self.require("tag")
-        labels = self._labels("tagger")
         examples = [TaggingExample(words, None, f"input[{i}]") for i, words in enumerate(sentences)]
-        features = encode_tagging(examples, self.tokenizer, labels, self.max_input_tokens or 512).features
-        with self.lock:
-            return TaggingStep(labels, pad_token_id=self._pad_id()).predict(self.model, features, 32, _no_autocast)
+        features = encode_tagging(examples, self.tokenizer, self._labels("tagger"),
+                                  self.max_input_tokens or 512).features
+        return self._batched("tag", self._tag_batch)(features)
+
+    def _tag_batch(self, _, features: list[dict]) -> list[list[str]]:
+        from tunelab.train.tasks import TaggingStep
+
+        step = TaggingStep(self._labels("tagger"), pad_token_id=self._pad_id())
+        return step.predict(self.model, features, len(features), _no_autocast)
 
     def answer(self, questions: list[tuple[str, str]], *, max_answer_length: int = 30) -> list[Answer]:
         """Extractive QA: the best span of each context for its question, over overlapping windows."""
+        self.require("answer")
+        return self._batched("answer", self._answer_batch)(list(questions), key=max_answer_length)
+
+    def _answer_batch(self, max_answer_length: int, questions: list[tuple[str, str]]) -> list[Answer]:
         from tunelab.data.qa import QAExample, encode_qa_eval
         from tunelab.train.tasks import QAStep
 
-        self.require("answer")
-        examples = [QAExample(str(i), q, c, [], "", f"input[{i}]") for i, (q, c) in enumerate(questions)]
+        # a long context makes several overlapping windows (features); one pass runs over all of them
         max_len = min(self.max_input_tokens or 384, 384)
+        examples = [QAExample(str(i), q, c, [], "", f"input[{i}]") for i, (q, c) in enumerate(questions)]
         features = encode_qa_eval(examples, self.tokenizer, max_len, min(128, max_len // 2)).features
         step = QAStep(examples, max_answer_length=max_answer_length, pad_token_id=self._pad_id())
-        with self.lock:
-            texts = step.answers(self.model, features, 32, _no_autocast)
+        texts = step.answers(self.model, features, len(features), _no_autocast)
         out = []
         for e in examples:
             text = texts.get(e.id, "")
@@ -193,12 +259,19 @@ class Engine:
         return out
 
     def fill_mask(self, text: str, top_k: int = 5):
-        from tunelab.generate.encoders import fill_mask
-
         self.require("fill-mask")
-        self._check_length(len(self.tokenizer.encode(text)), "the input")
-        with self.lock:
-            return fill_mask(self.model, self.tokenizer, text, top_k=top_k)
+        ids = self.tokenizer.encode(text)
+        self._check_length(len(ids), "the input")
+        if self.tokenizer.mask_token_id is None:
+            raise ValueError("the tokenizer has no mask token")
+        if self.tokenizer.mask_token_id not in ids:
+            raise ValueError(f"the text has no {self.tokenizer.mask_token} token")
+        return self._batched("fill-mask", self._fill_mask_batch)([text], key=top_k)[0]
+
+    def _fill_mask_batch(self, top_k: int, texts: list[str]):
+        from tunelab.generate.encoders import fill_masks
+
+        return fill_masks(self.model, self.tokenizer, texts, top_k=top_k)
 
     def seq2seq(self, texts: list[str], *, max_new_tokens: int | None = None, beam_size: int | None = None) -> list[str]:
         """Translate or summarize (whatever the encoder-decoder was trained for) with beam search."""

@@ -10,6 +10,7 @@ import json
 import threading
 import time
 from collections import defaultdict
+from typing import Callable
 
 BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -26,6 +27,7 @@ class Metrics:
         self.tokens: dict[str, int] = {"prompt": 0, "completion": 0}
         self.in_flight = 0
         self.rejected = 0
+        self.extra: Callable[[], list[str]] | None = None  # more lines (the engine's batching counters)
 
     def observe(self, path: str, status: int, seconds: float) -> None:
         with self._lock:
@@ -64,6 +66,8 @@ class Metrics:
                       "# TYPE tunelab_requests_in_flight gauge", f"tunelab_requests_in_flight {self.in_flight}",
                       "# HELP tunelab_requests_rejected_total Requests refused with 429 (too many at once).",
                       "# TYPE tunelab_requests_rejected_total counter", f"tunelab_requests_rejected_total {self.rejected}"]
+        if self.extra is not None:
+            lines += self.extra()
         return "\n".join(lines) + "\n"
 
 
