@@ -109,6 +109,47 @@ def test_wrong_key_and_bad_parameters_then_still_serving(chat_server, client):
     assert ok.choices[0].message.content is not None
 
 
+def test_concurrent_streams_and_a_client_that_goes_away(chat_server, client):
+    """Streams decoded together equal their own non-streamed answers; a client that closes its stream early
+    leaves nothing behind (nothing in flight, nothing in the decoding batch)."""
+    import re
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    questions = ["Who art thou?", "Whence comest thou?", "What news?", "Speak, friend"]
+
+    def ask(question: str, stream: bool) -> str:
+        messages = [{"role": "user", "content": question}]
+        if not stream:
+            return client.chat.completions.create(model="tiny-chat", messages=messages, max_tokens=12,
+                                                  temperature=0).choices[0].message.content
+        chunks = client.chat.completions.create(model="tiny-chat", messages=messages, max_tokens=12,
+                                                temperature=0, stream=True)
+        return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+    with ThreadPoolExecutor(len(questions)) as pool:
+        streamed = list(pool.map(lambda q: ask(q, True), questions))
+    assert streamed == [ask(q, False) for q in questions]
+
+    headers = {"Authorization": "Bearer k-123"}
+    body = {"model": "tiny-chat", "messages": [{"role": "user", "content": "Go on"}], "max_tokens": 64,
+            "stream": True}
+    with httpx.stream("POST", f"{chat_server}/v1/chat/completions", json=body, headers=headers, timeout=60) as r:
+        assert r.status_code == 200
+        next(r.iter_lines())  # the first event, then the client hangs up
+    deadline = time.monotonic() + 30
+    while True:
+        text = httpx.get(f"{chat_server}/metrics", timeout=10).text
+        idle = ("tunelab_requests_in_flight 0" in text and 'tunelab_decode_requests{state="running"} 0' in text
+                and 'tunelab_decode_requests{state="waiting"} 0' in text)
+        if idle or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert idle, text
+    assert int(re.search(r'tunelab_forward_passes_total\{task="generate"\} (\d+)', text).group(1)) > 0
+
+
 def test_embeddings_through_the_client(tiny, tmp_path):
     import torch
 
