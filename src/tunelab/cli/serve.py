@@ -25,8 +25,9 @@ def add_parser(subparsers) -> None:
                    help="requests in the server at once, being answered or waiting; more get 429 (default 64)")
     p.add_argument("--max-batch", type=int, default=32,
                    help="the most inputs in one encoder forward pass and sequences decoded together (default 32)")
-    p.add_argument("--batch-wait-ms", type=float, default=5.0,
-                   help="how long the first request of a batch waits for others, in ms (default 5)")
+    p.add_argument("--batch-wait-ms", type=float, default=0.0,
+                   help="how long a batch waits for more requests, in ms (default 0: a batch takes the requests "
+                        "that queued while the model was busy)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--feedback-store", metavar="PATH", default="feedback.db",
                    help="where the feedback page's records go: an SQLite file or sqlite:///path URL, the store of "

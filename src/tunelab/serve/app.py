@@ -36,10 +36,11 @@ class ServerSettings:
     """Limits, access, batching and feedback. max_tokens caps a request's max_tokens (and is the default of a chat
     request); max_input_tokens caps prompts and inputs (the model's own limit applies too). max_concurrent requests
     are in the server at once, decoded or waiting for their turn; more get 429. max_batch: the most inputs of one
-    encoder forward pass and the most sequences decoded together; batch_wait_ms: how long a batch waits to fill.
-    feedback_store: where the feedback page's records go (a path, an sqlite:/// URL or an open FeedbackStore;
-    None: the page can ask but not save); model_version: the served model's version in those records (None: a
-    hash of its parameters, computed at the first record)."""
+    encoder forward pass and the most sequences decoded together; batch_wait_ms: how long a batch waits for more
+    requests (0: it takes those that queued while the model was busy). feedback_store: where the feedback page's
+    records go (a path, an sqlite:/// URL or an open FeedbackStore; None: the page can ask but not save);
+    model_version: the served model's version in those records (None: a hash of its parameters, computed at the
+    first record)."""
 
     api_key: str | None = None
     max_tokens: int = 1024
@@ -48,7 +49,7 @@ class ServerSettings:
     max_batch_inputs: int = 256
     max_concurrent: int = 64
     max_batch: int = 32
-    batch_wait_ms: float = 5.0
+    batch_wait_ms: float = 0.0
     feedback_store: str | Path | Any = None  # a path, an sqlite:/// URL, an open FeedbackStore, or None
     model_version: str | None = None
 

@@ -1,10 +1,10 @@
 """Batching of concurrent requests, so that a busy server runs fewer, fuller forward passes.
 
 - `EncoderBatcher` (dynamic batching, for single-pass tasks: classify, tag, embeddings, fill-mask, answer): a
-  request's inputs join a queue; a worker thread takes the first, waits up to `wait` seconds for more (or until
-  `max_batch` inputs), runs them through the task in one padded forward pass and hands each request its own
-  results. A request is never split; inputs with different options (`key`, e.g. fill-mask's top_k) never share
-  a pass.
+  request's inputs join a queue; a worker thread takes the first request with those queued behind it (they
+  arrived while the model was busy) and any arriving within `wait` seconds, up to `max_batch` inputs, runs them
+  through the task in one padded forward pass and hands each request its own results. A request is never split;
+  inputs with different options (`key`, e.g. fill-mask's top_k) never share a pass.
 - `DecodeScheduler` (continuous batching, for chat and completions): a worker thread runs a
   `tunelab.generate.batch.ContinuousBatch`, admitting waiting requests between decoding steps while their rows
   fit in `max_batch` and streaming each request's text to its own queue. A cancelled request (the client went
@@ -42,7 +42,7 @@ class EncoderBatcher:
     other requests made at about the same time. `passes` counts the calls of `run`."""
 
     def __init__(self, run: Callable[[Hashable, list], list], lock: threading.Lock, *, max_batch: int = 32,
-                 wait: float = 0.005, name: str = "task") -> None:
+                 wait: float = 0.0, name: str = "task") -> None:
         self.run, self.lock, self.max_batch, self.wait, self.name = run, lock, max(1, max_batch), wait, name
         self.passes = 0
         self._queue: queue.Queue[_Pending] = queue.Queue()
@@ -73,7 +73,7 @@ class EncoderBatcher:
             return None
 
     def _gather(self) -> list[_Pending]:
-        """The first request, then others until `wait` has passed or `max_batch` inputs are in."""
+        """The first request, then those queued and arriving within `wait`, up to `max_batch` inputs."""
         first = self._next(None)
         batch, count = [first], len(first.items)
         deadline = time.monotonic() + self.wait
@@ -151,7 +151,7 @@ class Submission:
 class DecodeScheduler:
     """Continuous batching of the generation requests of one decoder (see the module docstring)."""
 
-    def __init__(self, model, tokenizer, lock: threading.Lock, *, max_batch: int = 32, wait: float = 0.005) -> None:
+    def __init__(self, model, tokenizer, lock: threading.Lock, *, max_batch: int = 32, wait: float = 0.0) -> None:
         self.batch = ContinuousBatch(model, tokenizer)
         self.lock, self.max_batch, self.wait = lock, max(1, max_batch), wait
         self.waiting: deque[Submission] = deque()

@@ -46,7 +46,7 @@ class Engine:
     """A loaded model and tokenizer under a public name, with one method per capability."""
 
     def __init__(self, model, tokenizer, name: str, *, max_input_tokens: int | None = None, max_batch: int = 32,
-                 batch_wait_ms: float = 5.0) -> None:
+                 batch_wait_ms: float = 0.0) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.name = name
@@ -55,9 +55,10 @@ class Engine:
         self.max_input_tokens = self._input_limit(max_input_tokens)
         self.configure_batching(max_batch=max_batch, batch_wait_ms=batch_wait_ms)
 
-    def configure_batching(self, *, max_batch: int = 32, batch_wait_ms: float = 5.0) -> None:
+    def configure_batching(self, *, max_batch: int = 32, batch_wait_ms: float = 0.0) -> None:
         """max_batch: the most inputs in one encoder forward pass and the most sequences decoded together;
-        batch_wait_ms: how long the first request of a batch waits for others. Call before serving."""
+        batch_wait_ms: how long the first request of a batch waits for others (0: a batch takes the requests that
+        queued while the model was busy, and a lone request runs at once). Call before serving."""
         self.max_batch, self.batch_wait = max(1, max_batch), max(0.0, batch_wait_ms) / 1000
         self._batchers: dict[str, EncoderBatcher] = {}
         self.decoder: DecodeScheduler | None = None
