@@ -147,7 +147,7 @@ def test_concurrent_streams_and_a_client_that_goes_away(chat_server, client):
             break
         time.sleep(0.1)
     assert idle, text
-    assert int(re.search(r'tunelab_forward_passes_total\{task="generate"\} (\d+)', text).group(1)) > 0
+    assert int(re.search(r'tunelab_batches_total\{task="generate"\} (\d+)', text).group(1)) > 0
 
 
 def test_embeddings_through_the_client(tiny, tmp_path):

@@ -300,13 +300,19 @@ async def _streamed(engine: Engine, prompts: list[list[int]], gen: GenerationSet
     queue: asyncio.Queue = asyncio.Queue()
     cancelled = threading.Event()
 
+    def post(kind: str, item) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, (kind, item))
+        except RuntimeError:  # the response ended, and its event loop closed, before the stream did
+            pass
+
     def work() -> None:
         try:
             for item in engine.stream(prompts, gen, cancelled):
-                loop.call_soon_threadsafe(queue.put_nowait, ("item", item))
+                post("item", item)
         except Exception as e:  # reported to the client as an error event
-            loop.call_soon_threadsafe(queue.put_nowait, ("error", e))
-        loop.call_soon_threadsafe(queue.put_nowait, ("end", None))
+            post("error", e)
+        post("end", None)
 
     threading.Thread(target=work, name="tunelab-stream", daemon=True).start()
     try:

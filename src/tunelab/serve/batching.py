@@ -39,7 +39,7 @@ class _Pending:
 
 class EncoderBatcher:
     """`batcher(items, key)` -> `run(key, items)`'s results for these items, computed in a batch with the items of
-    other requests made at about the same time. `passes` counts the calls of `run`."""
+    other requests made at about the same time. `passes` counts the batches (calls of `run`)."""
 
     def __init__(self, run: Callable[[Hashable, list], list], lock: threading.Lock, *, max_batch: int = 32,
                  wait: float = 0.0, name: str = "task") -> None:
@@ -156,7 +156,7 @@ class DecodeScheduler:
         self.lock, self.max_batch, self.wait = lock, max(1, max_batch), wait
         self.waiting: deque[Submission] = deque()
         self.running: list[Submission] = []
-        self.steps = 0  # forward passes: prefills and decoding steps
+        self.steps = 0  # batches: prefills and decoding steps, a forward pass each
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
 

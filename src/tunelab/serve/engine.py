@@ -73,7 +73,7 @@ class Engine:
                                                   name=task)
         return self._batchers[task]
 
-    def forward_passes(self) -> dict[str, int]:
+    def batches(self) -> dict[str, int]:
         """Batches run so far per task ("generate": prefills and decoding steps)."""
         counts = {task: b.passes for task, b in self._batchers.items()}
         if self.decoder is not None:
@@ -81,10 +81,10 @@ class Engine:
         return counts
 
     def batch_metrics(self) -> list[str]:
-        """Prometheus lines on batching: forward passes per task; requests decoding and waiting."""
-        lines = ["# HELP tunelab_forward_passes_total Batched forward passes, by task.",
-                 "# TYPE tunelab_forward_passes_total counter"]
-        lines += [f'tunelab_forward_passes_total{{task="{t}"}} {n}' for t, n in sorted(self.forward_passes().items())]
+        """Prometheus lines on batching: batches run per task; requests decoding and waiting."""
+        lines = ["# HELP tunelab_batches_total Batches run, by task (generate: prefills and decoding steps).",
+                 "# TYPE tunelab_batches_total counter"]
+        lines += [f'tunelab_batches_total{{task="{t}"}} {n}' for t, n in sorted(self.batches().items())]
         if self.decoder is not None:
             stats = self.decoder.stats()
             lines += ["# HELP tunelab_decode_requests Generation requests in the running batch and waiting for it.",
@@ -192,7 +192,8 @@ class Engine:
     # ------------------------------------------------------------------------------------------ encoders
 
     # Each task checks a request's inputs here, in the request's thread, then hands them to its batcher; the
-    # batcher's worker runs `_<task>_batch(key, inputs of several requests)` in one pass.
+    # batcher's worker runs `_<task>_batch(key, inputs of several requests)`: one pass, or passes of max_batch
+    # inputs when one request alone brings more.
 
     def embed(self, texts: list[str]) -> list[list[float]]:
         self.require("embeddings")
@@ -201,7 +202,7 @@ class Engine:
     def _embed_batch(self, _, texts: list[str]) -> list[list[float]]:
         from tunelab.generate.encoders import embed
 
-        return embed(self.model, self.tokenizer, texts, batch_size=len(texts)).tolist()
+        return embed(self.model, self.tokenizer, texts, batch_size=self.max_batch).tolist()
 
     def count_tokens(self, texts: Sequence[str]) -> int:
         return sum(len(self.tokenizer.encode(t)) for t in texts)
@@ -220,7 +221,7 @@ class Engine:
         from tunelab.train.tasks import ClassificationStep
 
         step = ClassificationStep(self._labels("classifier"), self._pad_id())
-        return step.predict(self.model, features, len(features), _no_autocast)
+        return step.predict(self.model, features, self.max_batch, _no_autocast)
 
     def tag(self, sentences: list[list[str]]) -> list[list[str]]:
         """One tag per word of every sentence (words given, or the text split on white space)."""
@@ -236,7 +237,7 @@ class Engine:
         from tunelab.train.tasks import TaggingStep
 
         step = TaggingStep(self._labels("tagger"), pad_token_id=self._pad_id())
-        return step.predict(self.model, features, len(features), _no_autocast)
+        return step.predict(self.model, features, self.max_batch, _no_autocast)
 
     def answer(self, questions: list[tuple[str, str]], *, max_answer_length: int = 30) -> list[Answer]:
         """Extractive QA: the best span of each context for its question, over overlapping windows."""
@@ -252,7 +253,7 @@ class Engine:
         examples = [QAExample(str(i), q, c, [], "", f"input[{i}]") for i, (q, c) in enumerate(questions)]
         features = encode_qa_eval(examples, self.tokenizer, max_len, min(128, max_len // 2)).features
         step = QAStep(examples, max_answer_length=max_answer_length, pad_token_id=self._pad_id())
-        texts = step.answers(self.model, features, len(features), _no_autocast)
+        texts = step.answers(self.model, features, self.max_batch, _no_autocast)
         out = []
         for e in examples:
             text = texts.get(e.id, "")

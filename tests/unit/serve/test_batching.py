@@ -100,7 +100,7 @@ def test_concurrent_task_requests_are_batched(tiny, tmp_path, task):
     # the requests arrive within the wait; only fill-mask's two top_k and answer's two lengths split them
     assert calls[0] <= (2 if task in ("fill-mask", "answer") else 1) < len(requests)
     metrics = asyncio.run(_get(app, "/metrics")).text
-    assert f'tunelab_forward_passes_total{{task="{task}"}} {len(requests) + calls[0]}' in metrics
+    assert f'tunelab_batches_total{{task="{task}"}} {len(requests) + calls[0]}' in metrics
 
 
 def test_a_bad_input_fails_only_its_own_request(tiny, tmp_path):
@@ -136,9 +136,9 @@ def test_concurrent_generation_is_decoded_together(chat_engine):
     requests = [_chat(c, max_tokens=6 + 3 * i, stream=i % 2 == 1) for i, c in enumerate(contents)]
     requests.append(("/v1/completions", {"prompt": ["To be", "or not"], "max_tokens": 7, "temperature": 1.0,
                                          "seed": 11, "n": 2}))
-    steps_before = engine.forward_passes()["generate"]
+    steps_before = engine.batches()["generate"]
     responses = asyncio.run(_post_all(app, requests))
-    steps = engine.forward_passes()["generate"] - steps_before
+    steps = engine.batches()["generate"] - steps_before
     assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
     sequential_passes = 0
     for i, (c, r) in enumerate(zip(contents, responses)):
