@@ -291,3 +291,38 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_sep("-", "max abs differences against references")
         for name, diff in sorted(MAX_DIFFS.items()):
             terminalreporter.write_line(f"{name:45s} {diff:.3e}")
+
+
+_MULTI30K = Path(__file__).resolve().parents[2] / "shared" / "data" / "multi30k_en_de"
+
+
+@pytest.fixture(scope="session")
+def seq2seq_run(tmp_path_factory) -> Path:
+    """A tiny encoder-decoder trained from scratch for 3 steps on Multi30k pairs (a run directory to collect from)."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    from tunelab.config.loading import validate
+    from tunelab.config.schema import TrainConfig
+    from tunelab.tokenizer import Tokenizer
+    from tunelab.train.run import train
+
+    root = tmp_path_factory.mktemp("seq2seq")
+    text = [line for side in ("en", "de") for line in (_MULTI30K / f"train.{side}").read_text().splitlines()[:1000]]
+    backend = Backend(models.BPE(unk_token="<unk>"))
+    backend.normalizer, backend.pre_tokenizer, backend.decoder = normalizers.NFKC(), pre_tokenizers.Metaspace(), \
+        decoders.Metaspace()
+    backend.train_from_iterator(text, trainers.BpeTrainer(vocab_size=400, show_progress=False,
+                                                          special_tokens=["<pad>", "<s>", "</s>", "<unk>"]))
+    backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 2)])
+    Tokenizer(backend, special_tokens={"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>",
+                                       "unk_token": "<unk>"}).save(root / "bpe")
+    raw = {"output_dir": str(root / "run"), "model": {"architecture": {
+               "family": "seq2seq", "hidden_size": 32, "num_layers": 1, "num_heads": 4, "intermediate_size": 64,
+               "max_position_embeddings": 64}, "tokenizer": str(root / "bpe")},
+           "task": {"type": "seq2seq", "generation": {"beam_size": 2, "max_new_tokens": 12}},
+           "data": {"format": "parallel", "train": [str(_MULTI30K / "train.en"), str(_MULTI30K / "train.de")],
+                    "max_length": 48, "max_train_examples": 64, "validation_split": 0.0},
+           "train": {"max_steps": 3, "batch_size": 16, "lr": 3e-3, "precision": "fp32", "save_steps": 0}}
+    train(validate(TrainConfig, raw, "test"), show_progress=False, log=lambda *a: None)
+    return root / "run"

@@ -75,6 +75,19 @@ def _directory_tokenizer(path: Path):
     return TokenizerPair.from_dir(path)
 
 
+def generation_defaults(source: str | Path) -> dict:
+    """generation_config.json of a model directory or of a run's model/ (empty when there is none): the decoding
+    a model was trained to be used with (num_beams, length_penalty, max_new_tokens of its task.generation)."""
+    path = Path(source).expanduser()
+    for candidate in (path / "generation_config.json", path / "model" / "generation_config.json"):
+        if candidate.is_file():
+            try:
+                return json.loads(candidate.read_text())
+            except (OSError, json.JSONDecodeError):
+                return {}
+    return {}
+
+
 def _apply_generation_config(model: Model, directory: Path) -> None:
     """generation_config.json may list more EOS ids than config.json (chat models); take them."""
     path = directory / "generation_config.json"

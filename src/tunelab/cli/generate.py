@@ -4,9 +4,7 @@ encoder-decoder (a seq2seq run or model), translate or summarize the prompt with
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
 from tunelab.errors import TunelabError
 
@@ -43,18 +41,6 @@ def add_parser(subparsers) -> None:
 def unescape(text: str) -> str:
     """Shell-friendly stop strings: --stop '\\n\\n' means two newlines."""
     return text.replace("\\n", "\n").replace("\\t", "\t")
-
-
-def _generation_config(source: str) -> dict:
-    """generation_config.json of a model directory or of a run's model/ (empty when there is none)."""
-    path = Path(source).expanduser()
-    for candidate in (path / "generation_config.json", path / "model" / "generation_config.json"):
-        if candidate.is_file():
-            try:
-                return json.loads(candidate.read_text())
-            except (OSError, json.JSONDecodeError):
-                return {}
-    return {}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -105,7 +91,9 @@ def _seq2seq(args: argparse.Namespace, model, tokenizer, prompt: str) -> int:
 
     if args.chat or args.temperature > 0 or args.stop:
         raise TunelabError("an encoder-decoder decodes with beam search: --chat, --temperature and --stop do not apply")
-    defaults = _generation_config(args.model)
+    from tunelab.checkpoint.load import generation_defaults
+
+    defaults = generation_defaults(args.model)
     sources = [line for line in prompt.splitlines() if line.strip()] if args.prompt == "-" else [prompt]
     try:
         beam = BeamSettings(

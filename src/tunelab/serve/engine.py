@@ -50,6 +50,7 @@ class Engine:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.name = name
+        self.generation: dict = {}  # generation_config.json of the model: seq2seq's beam defaults
         self.lock = threading.Lock()
         self.capabilities = self._capabilities()
         self.max_input_tokens = self._input_limit(max_input_tokens)
@@ -100,8 +101,12 @@ class Engine:
         name defaults to the registered name or the file / directory name."""
         from tunelab.train.run import load_any
 
+        from tunelab.checkpoint.load import generation_defaults
+
         model, tokenizer = load_any(source, dtype=dtype)
-        return cls(model, tokenizer, name or default_name(source), max_input_tokens=max_input_tokens)
+        engine = cls(model, tokenizer, name or default_name(source), max_input_tokens=max_input_tokens)
+        engine.generation = generation_defaults(source) if Path(source).expanduser().exists() else {}
+        return engine
 
     # ------------------------------------------------------------------------------------------ capabilities
 
@@ -280,10 +285,10 @@ class Engine:
         from tunelab.generate.beam import BeamSettings, seq2seq_generate
 
         self.require("seq2seq")
-        defaults = BeamSettings()
-        settings = BeamSettings(beam_size=beam_size or defaults.beam_size,
-                                length_penalty=defaults.length_penalty,
-                                max_new_tokens=max_new_tokens or defaults.max_new_tokens)
+        defaults, trained = BeamSettings(), self.generation  # the run's task.generation, as `tunelab predict`
+        settings = BeamSettings(beam_size=beam_size or trained.get("num_beams") or defaults.beam_size,
+                                length_penalty=trained.get("length_penalty", defaults.length_penalty),
+                                max_new_tokens=max_new_tokens or trained.get("max_new_tokens") or defaults.max_new_tokens)
         with self.lock:
             return [t.strip() for t in seq2seq_generate(self.model, self.tokenizer, texts, settings)]
 

@@ -245,3 +245,28 @@ def test_tag_answer_and_fill_mask(bert_dirs):
     assert predictions[0][0]["probability"] >= predictions[0][1]["probability"]
     r = mlm.post("/v1/fill-mask", json={"input": "no mask here"})
     assert r.status_code == 400 and "[MASK]" in r.json()["error"]["message"]
+
+
+def test_translate_and_summarize_decode_as_the_run_was_trained_to(seq2seq_run):
+    """An encoder-decoder run: /v1/translate and /v1/summarize are its beam search with the run's own
+    task.generation (beam 2, 12 new tokens), as `tunelab predict` decodes."""
+    from tunelab.generate.beam import BeamSettings, seq2seq_generate
+    from tunelab.train.run import load_any
+
+    client = _client(seq2seq_run, max_tokens=64)
+    texts = ["A man rides a bike.", "Two dogs play in the snow."]
+    model, tokenizer = load_any(str(seq2seq_run))
+    expected = [t.strip() for t in seq2seq_generate(model, tokenizer, texts, BeamSettings(beam_size=2, max_new_tokens=12))]
+    for path in ("/v1/translate", "/v1/summarize"):
+        r = client.post(path, json={"input": texts})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert [d["text"] for d in body["data"]] == expected and [d["index"] for d in body["data"]] == [0, 1]
+        assert body["usage"]["prompt_tokens"] > 0
+    greedy = client.post("/v1/translate", json={"input": texts[0], "beam_size": 1, "max_tokens": 5}).json()
+    assert greedy["data"][0]["text"] == seq2seq_generate(model, tokenizer, texts[:1],
+                                                         BeamSettings(beam_size=1, max_new_tokens=5))[0].strip()
+    assert client.post("/v1/translate", json={"input": "x", "beam_size": 0}).status_code == 400
+    assert client.post("/v1/translate", json={"input": "x", "max_tokens": 65}).json()["error"]["param"] == "max_tokens"
+    chat = client.post("/v1/chat/completions", json=_chat_body(model="run"))
+    assert chat.status_code == 400 and chat.json()["error"]["code"] == "unsupported_task"
