@@ -38,9 +38,11 @@ def chromium_path() -> str | None:
     return None
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser():
-    """A headless Chromium (skipped, with the reason, when Chromium or playwright is missing)."""
+    """A headless Chromium (skipped, with the reason, when Chromium or playwright is missing). Module scope, not
+    session: Playwright's sync API keeps an event loop running in this thread while it is open, and tests after
+    these ones call asyncio.run()."""
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
