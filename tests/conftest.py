@@ -203,6 +203,16 @@ def minilm_bert(path: Path, cls_name: str, labels: list[str] | None = None, seed
     return path
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Every test on one torch thread, the setting restored after it: tiny models gain nothing from more, and on a
+    shared 2-core machine the thread pool's contention makes them several times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny() -> SimpleNamespace:
     """The helpers and constants of this file, for test modules."""

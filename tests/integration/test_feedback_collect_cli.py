@@ -20,14 +20,6 @@ SST2_TRAIN = DATA / "sst2" / "train.tsv"
 SST2_DEV = DATA / "sst2" / "dev.tsv"
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _minilm_tokenizer_dir() -> Path:
     import importlib.util
 

@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-import torch
 import yaml
 
 from tunelab.cli.main import main
@@ -18,14 +16,6 @@ from tunelab.feedback import FeedbackRecord, FeedbackStore
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 SST2_DEV = DATA / "sst2" / "dev.tsv"
 ALPACA = DATA / "alpaca_demo" / "alpaca_en_demo.json"
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def arithmetic_records() -> list[FeedbackRecord]:

@@ -8,21 +8,12 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from tunelab.cli.main import main
 from tunelab.data.arithmetic import arithmetic_problems
 
 CHECKS = "def e_share(output, example):\n    return output.count('e') / max(1, len(output))\n"
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from tunelab.cli.main import main
@@ -15,14 +14,6 @@ from tunelab.cli.main import main
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 HH = DATA / "hh_rlhf" / "harmless-base-pairs.jsonl"
 PREFERENCE_KEYS = {"loss", "reward_accuracy", "margin", "chosen_reward", "rejected_reward"}
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -27,14 +27,6 @@ TINY_BERT = {"family": "bert", "hidden_size": 64, "num_layers": 2, "num_heads": 
              "max_position_embeddings": 64, "hidden_dropout": 0.0, "attention_dropout": 0.0}
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def pretraining_config(run: Path, tokenizer: Path, **task) -> dict:
     return {
         "output_dir": str(run),

@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from tunelab.cli.main import main
 
@@ -27,12 +26,8 @@ SMALL_LM = ["model.architecture.hidden_size=24", "model.architecture.embedding_s
 
 
 @pytest.fixture(autouse=True)
-def one_torch_thread(monkeypatch):
+def from_the_repository_root(monkeypatch):
     monkeypatch.chdir(ROOT)  # the example configs name ../shared/data/... from the repository root
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def cli(capsys, *argv: str) -> tuple[int, str, str]:

@@ -33,14 +33,6 @@ CHATML = (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def bpe_dir(path: Path, files: list[Path], vocab_size: int, lines: int = 3000) -> Path:
     """A Metaspace BPE tokenizer (as examples/seq2seq_tokenizer.py makes) from the first lines of `files`."""
     text = [line for f in files for line in f.read_text(encoding="utf-8").splitlines()[:lines]]

@@ -39,16 +39,6 @@ CHATML = (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models gain nothing from a second thread, and on a busy machine (2 cores) OpenMP threads that wait
-    for each other burn the CPU: each test computes on one thread, then the setting is put back."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ---------------------------------------------------------------------------------------------------- models
 
 

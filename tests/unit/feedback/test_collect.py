@@ -28,15 +28,6 @@ CONLL_TAGS = ["O", "B-LOC", "I-LOC", "B-MISC", "I-MISC", "B-ORG", "I-ORG", "B-PE
 SHORT = GenerationOptions(max_new_tokens=6)
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """One thread per test: tiny models gain nothing from more on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def classifier_dir(tmp_path_factory, tiny) -> Path:
     return tiny.minilm_bert(tmp_path_factory.mktemp("collect") / "cls", "BertForSequenceClassification", ["0", "1"])

@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 import tunelab
 from tunelab.errors import FeedbackError
@@ -15,14 +14,6 @@ from tunelab.feedback.build import REFINE_PROMPT, clean_refinement, refine_promp
 from tunelab.feedback.review import review
 
 DATA = Path(__file__).resolve().parents[4] / "shared" / "data"
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture

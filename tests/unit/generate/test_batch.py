@@ -7,19 +7,10 @@ from __future__ import annotations
 import shutil
 
 import pytest
-import torch
 
 from tunelab import load
 from tunelab.generate.batch import BatchJob, ContinuousBatch
 from tunelab.generate.decode import GenerationSettings, generate
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(params=["chat", "gpt2-lm", "mistral-window"])

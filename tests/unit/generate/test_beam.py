@@ -15,14 +15,6 @@ from tunelab.models.seq2seq import Seq2SeqConfig
 EOS = 2
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def seq2seq_model(seed: int = 0):
     torch.manual_seed(seed)
     config = Seq2SeqConfig(vocab_size=40, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,

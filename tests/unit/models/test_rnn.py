@@ -21,14 +21,6 @@ VOCAB = 40
 CELLS = ("lstm", "gru", "rnn")
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny(cell: str = "lstm", heads=("lm",), seed: int = 0, **fields):
     torch.manual_seed(seed)
     config = RNNConfig(vocab_size=VOCAB, hidden_size=12, embedding_size=8, num_layers=2, cell=cell,

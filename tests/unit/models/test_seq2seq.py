@@ -15,14 +15,6 @@ from tunelab.models.seq2seq import Seq2SeqConfig, warm_start_from_bert
 VOCAB = 61
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny(seed: int = 0, **overrides):
     """A tiny seq2seq model in eval mode, fp32, no dropout, weights drawn with seed."""
     fields = dict(vocab_size=VOCAB, hidden_size=32, num_layers=2, num_decoder_layers=3, num_heads=4,

@@ -17,14 +17,6 @@ from tunelab.serve import Engine, ServerSettings, create_app
 CONLL_TAGS = ["O", "B-LOC", "I-LOC", "B-PER", "I-PER"]
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def chat_engine(chat_llama) -> Engine:
     return Engine.load(str(chat_llama), name="tiny-chat")

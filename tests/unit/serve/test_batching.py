@@ -11,7 +11,6 @@ import time
 
 import httpx
 import pytest
-import torch
 
 from tunelab.generate import GenerationSettings, generate
 from tunelab.serve import Engine, ServerSettings, create_app
@@ -19,14 +18,6 @@ from tunelab.serve import Engine, ServerSettings, create_app
 CONLL_TAGS = ["O", "B-LOC", "I-LOC", "B-PER", "I-PER"]
 SENTENCES = ["a fine film", "dull and long", "it is what it is", "the best thing I saw this year, truly",
              "no", "John lives in Paris", "Ann Smith met Bob in Rome yesterday", "why", "so so", "a b c d e f"]
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _counting(engine: Engine) -> list[int]:

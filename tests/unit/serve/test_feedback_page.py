@@ -5,20 +5,11 @@ OpenAI error bodies, GET /v1/feedback, the API key, and a server that keeps no f
 from __future__ import annotations
 
 import pytest
-import torch
 from fastapi.testclient import TestClient
 
 from tunelab.errors import FeedbackError
 from tunelab.feedback import FeedbackStore
 from tunelab.serve import Engine, ServerSettings, create_app
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
