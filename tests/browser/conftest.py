@@ -9,16 +9,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
-SRC = Path(__file__).resolve().parents[2] / "src"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
@@ -58,50 +52,3 @@ def browser():
             yield browser
         finally:
             browser.close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="session")
-def serve():
-    """`serve(MODEL, CWD, *options)`: a generator that runs `tunelab serve` and yields its URL (for a fixture)."""
-    return _serve
-
-
-def _serve(model: Path, cwd: Path, *extra: str):
-    """Run `tunelab serve MODEL ...` in `cwd`; yield its base URL once /health answers; stop it afterwards."""
-    import httpx
-
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
-    log = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: a full pipe would block the server
-    process = subprocess.Popen([sys.executable, "-m", "tunelab", "serve", str(model), "--port", str(port),
-                                "--threads", "1", *extra], env=env, cwd=cwd, stderr=log, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 600  # importing torch takes a minute on a busy 2-core machine
-        while True:
-            if process.poll() is not None:
-                log.seek(0)
-                pytest.fail(f"tunelab serve exited: {log.read()}")
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("tunelab serve did not answer /health within 600 s")
-            time.sleep(0.25)
-        yield url
-    finally:
-        process.terminate()  # uvicorn shuts down gracefully on SIGTERM
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log.close()

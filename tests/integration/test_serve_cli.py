@@ -4,65 +4,15 @@ key, bad parameters), then the server is stopped."""
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import tempfile
 import time
-from pathlib import Path
 
 import pytest
 
 openai = pytest.importorskip("openai")
 
-SRC = Path(__file__).resolve().parents[2] / "src"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _serve(model: Path, *extra: str):
-    """Start `tunelab serve MODEL`; yield its base URL once /health answers; stop it afterwards."""
-    import httpx
-
-    port = _free_port()
-    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
-    log = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: a full pipe would block the server
-    process = subprocess.Popen([sys.executable, "-m", "tunelab", "serve", str(model), "--port", str(port),
-                                "--threads", "1", *extra], env=env, stderr=log, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 600  # importing torch takes a minute on a busy 2-core machine
-        while True:
-            if process.poll() is not None:
-                log.seek(0)
-                pytest.fail(f"tunelab serve exited: {log.read()}")
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("tunelab serve did not answer /health within 600 s")
-            time.sleep(0.25)
-        yield url
-    finally:
-        process.terminate()  # uvicorn shuts down gracefully on SIGTERM
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log.close()
-
-
 @pytest.fixture(scope="module")
-def chat_server(chat_llama):
-    yield from _serve(chat_llama, "--api-key", "k-123", "--name", "tiny-chat", "--max-tokens", "64")
+def chat_server(chat_llama, serve):
+    yield from serve(chat_llama, None, "--api-key", "k-123", "--name", "tiny-chat", "--max-tokens", "64")
 
 
 @pytest.fixture(scope="module")
@@ -150,14 +100,14 @@ def test_concurrent_streams_and_a_client_that_goes_away(chat_server, client):
     assert int(re.search(r'tunelab_batches_total\{task="generate"\} (\d+)', text).group(1)) > 0
 
 
-def test_embeddings_through_the_client(tiny, tmp_path):
+def test_embeddings_through_the_client(tiny, tmp_path, serve):
     import torch
 
     from tunelab import load
     from tunelab.generate import embed
 
     path = tiny.minilm_bert(tmp_path / "encoder", "BertModel")
-    for url in _serve(path):
+    for url in serve(path, None):
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
         result = client.embeddings.create(model="encoder", input=["a cat", "a dog on a rug"])  # base64 on the wire
         model, tokenizer = load(str(path))
