@@ -82,14 +82,6 @@ def max_weight_difference(a: Path, b: Path) -> float:
     return max(float((wa[k] - wb[k]).abs().max()) for k in wa)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def one_process_run(chat_llama, tmp_path_factory) -> Path:
     """The run that the 2-process runs are compared with: one process, the same global batch."""
@@ -130,6 +122,19 @@ def test_lora_ddp_run_resumes_in_one_process(chat_llama, tmp_path, capsys):
     assert difference < TOLERANCE
     assert max_weight_difference(tmp_path / "two" / "adapter" / "adapter_model.safetensors",
                                  resumed / "adapter" / "adapter_model.safetensors") < 1e-4
+
+
+def test_qlora_ddp_matches_one_process(chat_llama, tmp_path):
+    """QLoRA (an NF4 base, LoRA adapters in fp32) under DDP: the same losses as one process."""
+    runs = {}
+    for name, launch in (("one", one_process), ("two", torchrun)):
+        config = chat_config(chat_llama, tmp_path / name, distributed="ddp" if name == "two" else "auto")
+        config["method"] = {"type": "qlora", "lora": {"r": 4, "target_modules": ["q_proj", "v_proj"]}}
+        launch("train", str(write(tmp_path / f"{name}.yaml", config)))
+        runs[name] = tmp_path / name
+    difference = max_loss_difference(runs["one"], runs["two"])
+    print(f"\nQLoRA DDP, 2 processes against 1: max train loss difference {difference:.2e}")
+    assert difference < TOLERANCE
 
 
 def test_fsdp_matches_one_process_and_its_sharded_state_reloads(chat_llama, one_process_run, tmp_path):
