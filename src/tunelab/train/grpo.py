@@ -41,6 +41,7 @@ from tunelab.data.prompts import PromptExample
 from tunelab.errors import ConfigError, DataError, TunelabError
 from tunelab.losses import group_advantages, grpo_token_losses, reduce_token_losses, token_logps
 from tunelab.train.samples import SampleLog
+from tunelab.train.tasks import MetricWindow
 
 Autocast = Callable[[], Any]
 
@@ -260,7 +261,7 @@ class GRPOStep:
         self.seed = 0
         self.rounds = 0  # rollouts sampled so far: seeds the next one (kept in checkpoints)
         self._buffer: dict[tuple, dict] = {}  # num_iterations > 1: rollouts still to be trained on
-        self._window: dict[str, float] = {}
+        self._window = MetricWindow()
         self.last_samples: list[dict] = []
 
     @classmethod
@@ -387,15 +388,11 @@ class GRPOStep:
     # ------------------------------------------------------------------ metrics, state
 
     def _add(self, name: str, total: float, count: int) -> None:
-        self._window[name] = self._window.get(name, 0.0) + total
-        self._window[f"{name}#"] = self._window.get(f"{name}#", 0) + count
+        self._window.add(name, total, count)
 
     def pop_train_metrics(self) -> dict[str, float]:
         """Means of the training rollouts' metrics since the last call (then starts a new window)."""
-        out = {name: self._window[name] / self._window[f"{name}#"]
-               for name in self._window if not name.endswith("#") and self._window[f"{name}#"]}
-        self._window = {}
-        return out
+        return self._window.pop()
 
     def state_dict(self) -> dict:
         """What a resumed run needs to sample and train exactly as this one: the rollout count (the seeds) and

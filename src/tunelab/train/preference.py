@@ -28,6 +28,7 @@ from tunelab.data.encoded import IGNORE_INDEX
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.evaluate import metrics as M
 from tunelab.losses import bradley_terry_loss, dpo_loss, ipo_loss, kto_loss, orpo_loss, sequence_logps, simpo_loss
+from tunelab.train.tasks import MetricWindow
 
 REFERENCE_FILE = "reference_logps.safetensors"
 PREFERENCE_LOSSES = ("dpo", "cdpo", "ipo", "simpo", "orpo")
@@ -71,7 +72,7 @@ class _SequenceScorer:
 
     def __init__(self, pad_token_id: int = 0) -> None:
         self.pad_token_id = pad_token_id
-        self._window: dict[str, float] = {}
+        self._window = MetricWindow()
 
     def row_logps(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(summed log-probabilities of each row's labelled tokens [R], their counts [R])."""
@@ -119,15 +120,11 @@ class _SequenceScorer:
 
     # training-time metrics, averaged over the logging window (the trainer logs them with the loss)
     def _add(self, name: str, total: float, count: int) -> None:
-        self._window[name] = self._window.get(name, 0.0) + total
-        self._window[f"{name}#"] = self._window.get(f"{name}#", 0) + count
+        self._window.add(name, total, count)
 
     def pop_train_metrics(self) -> dict[str, float]:
         """Means of the training rewards since the last call (then starts a new window)."""
-        out = {name: self._window[name] / self._window[f"{name}#"]
-               for name in self._window if not name.endswith("#") and self._window[f"{name}#"]}
-        self._window = {}
-        return out
+        return self._window.pop()
 
 
 class PreferenceStep(_SequenceScorer):
@@ -334,7 +331,7 @@ class RewardModelStep:
 
     def __init__(self, pad_token_id: int = 0) -> None:
         self.pad_token_id = pad_token_id
-        self._window: dict[str, float] = {}
+        self._window = MetricWindow()
 
     def collate(self, features: Sequence[dict]) -> dict:
         prompts = [f["prompt_ids"] for f in features]
@@ -353,16 +350,12 @@ class RewardModelStep:
     def loss(self, model, batch):
         out = self.pair_output(model, batch)
         n = out.losses.shape[0]
-        self._window["reward_accuracy"] = self._window.get("reward_accuracy", 0.0) + float((out.margins > 0).sum())
-        self._window["margin"] = self._window.get("margin", 0.0) + float(out.margins.sum())
-        self._window["#"] = self._window.get("#", 0) + n
+        self._window.add("reward_accuracy", float((out.margins > 0).sum()), n)
+        self._window.add("margin", float(out.margins.sum()), n)
         return out.losses.sum(), n
 
     def pop_train_metrics(self) -> dict[str, float]:
-        n = max(1, self._window.pop("#", 0))
-        out = {name: value / n for name, value in self._window.items()}
-        self._window = {}
-        return out
+        return self._window.pop()
 
     @torch.inference_mode()
     def evaluate(self, model, features, batch_size, autocast) -> dict:

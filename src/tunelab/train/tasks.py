@@ -31,6 +31,24 @@ def iterate_batches(features: Sequence[dict], batch_size: int, pad_token_id: int
         yield indices, pad_collate([features[i] for i in indices], pad_token_id=pad_token_id)
 
 
+class MetricWindow:
+    """Means of training-batch metrics over a logging window (preference, reward-model and GRPO steps report
+    rewards and margins with the loss): add(name, total, count) per batch; pop() gives total / count per name
+    and starts a new window."""
+
+    def __init__(self) -> None:
+        self._sums: dict[str, tuple[float, int]] = {}
+
+    def add(self, name: str, total: float, count: int) -> None:
+        summed, counted = self._sums.get(name, (0.0, 0))
+        self._sums[name] = (summed + total, counted + count)
+
+    def pop(self) -> dict[str, float]:
+        out = {name: summed / counted for name, (summed, counted) in self._sums.items() if counted}
+        self._sums = {}
+        return out
+
+
 class TaskStep:
     """Shared machinery; subclasses set `head`, `main_metric`, `greater_is_better` and the three steps."""
 
