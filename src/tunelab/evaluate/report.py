@@ -184,7 +184,8 @@ def _curves_section(plots_dir: Path, run_dir: Path) -> list[str]:
     return lines
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a text file under a temporary name, then rename it: a reader never sees half of it."""
     # a unique name opened exclusively (not mkstemp, whose 0600 mode would ignore the user's umask)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
@@ -236,5 +237,5 @@ def write_report(
         lines += [f"## {heading}", "", body.rstrip(), ""]
 
     path = run_dir / REPORT_FILE
-    _write_text_atomic(path, "\n".join(lines).rstrip() + "\n")
+    write_text_atomic(path, "\n".join(lines).rstrip() + "\n")
     return path

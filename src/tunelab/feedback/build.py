@@ -36,7 +36,6 @@ report counts the records read, the rows made, and every record skipped with the
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 from collections import Counter
@@ -47,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 from tunelab.config.schema import FEEDBACK_BUILD_TASKS
 from tunelab.errors import DataError, FeedbackError
+from tunelab.feedback.files import write_json_lines
 from tunelab.feedback.record import FeedbackRecord, utc_now
 from tunelab.feedback.store import FeedbackStore
 
@@ -539,19 +539,8 @@ def _text(value: Any) -> str | None:
 
 def write_rows(rows: Iterable[Mapping[str, Any]], path: str | Path) -> Path:
     """Rows as JSON lines, written to a temporary name and renamed (a kill never leaves half a file)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as stream:
-            for row in rows:
-                stream.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except OSError as err:
-        raise FeedbackError(f"{path}: cannot write: {err.strerror or err}") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    write_json_lines(rows, path)
+    return Path(path)
 
 
 # ---------------------------------------------------------------------------------------------- refinement

@@ -18,7 +18,7 @@ import csv
 import io
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -84,13 +84,20 @@ def read_feedback_file(path: str | Path, format: str = "auto") -> list[FeedbackR
 def write_jsonl(records: Iterable[FeedbackRecord], out: str | Path | IO[str]) -> int:
     """Write records as JSON lines to a path (atomically: a temporary file, then renamed) or a text stream;
     returns how many were written."""
+    items = (record.to_dict() for record in records)
     if not isinstance(out, (str, Path)):
-        return _write_lines(records, out)
-    path = Path(out)
+        return _write_lines(items, out)
+    return write_json_lines(items, out)
+
+
+def write_json_lines(items: Iterable[Mapping[str, Any]], path: str | Path) -> int:
+    """Mappings as JSON lines, written to a temporary name and renamed (a kill never leaves half a file);
+    returns how many were written."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "w", encoding="utf-8") as stream:
-            count = _write_lines(records, stream)
+            count = _write_lines(items, stream)
         os.replace(tmp, path)
     except OSError as err:
         raise FeedbackError(f"{path}: cannot write: {err.strerror or err}") from None
@@ -100,10 +107,10 @@ def write_jsonl(records: Iterable[FeedbackRecord], out: str | Path | IO[str]) ->
     return count
 
 
-def _write_lines(records: Iterable[FeedbackRecord], stream: IO[str]) -> int:
+def _write_lines(items: Iterable[Mapping[str, Any]], stream: IO[str]) -> int:
     count = 0
-    for record in records:
-        stream.write(json.dumps(record.to_dict(), ensure_ascii=False) + "\n")
+    for item in items:
+        stream.write(json.dumps(item, ensure_ascii=False) + "\n")
         count += 1
     return count
 

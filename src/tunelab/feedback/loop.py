@@ -390,7 +390,7 @@ def read_rounds(path: Path) -> dict[int, Round]:
 def write_loop_report(result: LoopResult, config: TrainConfig) -> Path:
     """report.md (the table of rounds, the plot, what each round did) and loop.png in output_dir."""
     from tunelab.evaluate.plots import plot_rounds
-    from tunelab.evaluate.report import _write_text_atomic
+    from tunelab.evaluate.report import write_text_atomic
 
     out = Path(result.output_dir)
     loop = config.feedback.loop
@@ -419,5 +419,5 @@ def write_loop_report(result: LoopResult, config: TrainConfig) -> Path:
         else:
             lines.append(f"- round {r.round}: {r.records} records on {r.judged_model} ({r.judged_version}); "
                          f"{'trained ' + r.run if r.trained else 'nothing to train on'}, {took}")
-    _write_text_atomic(out / REPORT_FILE, "\n".join(lines) + "\n")
+    write_text_atomic(out / REPORT_FILE, "\n".join(lines) + "\n")
     return out / REPORT_FILE

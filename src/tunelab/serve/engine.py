@@ -105,7 +105,7 @@ class Engine:
 
         model, tokenizer = load_any(source, dtype=dtype)
         engine = cls(model, tokenizer, name or default_name(source), max_input_tokens=max_input_tokens)
-        engine.generation = generation_defaults(source) if Path(source).expanduser().exists() else {}
+        engine.generation = generation_defaults(source)
         return engine
 
     # ------------------------------------------------------------------------------------------ capabilities
