@@ -172,6 +172,7 @@ class Trainer:
         window_loss: dict[str, float] = {}  # summed loss per objective since the last log line
         window_targets: dict[str, int] = {}
         window_tokens, window_start = 0, time.perf_counter()
+        loop_start = window_start  # "elapsed": seconds of training in this process (evaluations included)
         stop = state.global_step >= self.total_steps
         if s.eval_at_start and state.global_step == 0:
             self._evaluate(log)
@@ -205,6 +206,7 @@ class Trainer:
                             **({f"{name}_loss": v for name, v in means.items()} if len(means) > 1 else {}),
                             "lr": self.scheduler.get_last_lr()[0],
                             "tokens_per_second": window_tokens / max(elapsed, 1e-9),
+                            "elapsed": time.perf_counter() - loop_start,
                             "epoch": state.epoch + state.batch_in_epoch / max(1, self.batches_per_epoch),
                             # a step may report more about its training batches (preference: rewards, margin)
                             **(self.task.pop_train_metrics() if hasattr(self.task, "pop_train_metrics") else {}),
