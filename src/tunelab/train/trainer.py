@@ -304,7 +304,8 @@ class Trainer:
             stop = self._evaluate_here(log, final=final)
         if self.dist.enabled:
             shared = (self.state, self.final_metrics, self.best_metrics, self._last_eval, stop)
-            self.state, self.final_metrics, self.best_metrics, self._last_eval, stop = self.dist.broadcast(shared)
+            state, self.final_metrics, self.best_metrics, self._last_eval, stop = self.dist.broadcast(shared)
+            vars(self.state).update(vars(state))  # in place: fit() goes on counting steps in this object
         return stop
 
     def _evaluate_here(self, log: MetricsLog | None, *, final: bool) -> bool:
