@@ -138,7 +138,11 @@ def share_of_batch(indices: list[int], context: DistributedContext) -> list[int]
 def wrap_model(model: torch.nn.Module, context: DistributedContext) -> torch.nn.Module:
     """The model the training forward passes go through: DDP around it, or FSDP2 applied to each Transformer
     block (each child of a ModuleList named *layers) and then to the whole model; the model itself with one
-    process. FSDP2 changes `model` in place (its parameters become DTensor shards)."""
+    process. FSDP2 changes `model` in place (its parameters become DTensor shards).
+
+    The layers of a recurrent model (torch's nn.RNN / LSTM / GRU) are sharded with the whole model, not one by
+    one: weight dropout runs a layer through torch.func.functional_call with a dropped-out copy of W_hh, which
+    a layer's own FSDP2 pre-forward hook would replace by the gathered weight."""
     if context.mode == "none":
         return model
     model.to(context.device)
@@ -154,7 +158,8 @@ def wrap_model(model: torch.nn.Module, context: DistributedContext) -> torch.nn.
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.ModuleList) and name.rsplit(".", 1)[-1].endswith("layers"):
             for block in module:
-                fully_shard(block)
+                if not isinstance(block, torch.nn.RNNBase):
+                    fully_shard(block)
     fully_shard(model)
     return model
 
