@@ -3,7 +3,9 @@
 train.batch_size is the global batch: each process trains on half of its rows, each objective is divided by
 the targets of the whole global accumulation group, so the loss at every step equals one process's (fp32,
 within 1e-5). Checkpoints hold full tensors: a 2-process run resumes in 1 process, an FSDP2 run's sharded
-state is gathered into a checkpoint and sharded again when a 2-process FSDP2 run resumes from it.
+state is gathered into a checkpoint and sharded again when a 2-process FSDP2 run resumes from it. A recurrent
+LM's carried state (one row per stream, each process its own streams) is saved whole, so its checkpoints
+resume with 1 or 2 processes.
 Each process computes on one thread with a tiny model. (The config errors are unit tests:
 tests/unit/train/test_distributed.py.)
 """
@@ -25,6 +27,7 @@ from safetensors.torch import load_file
 from tunelab.cli.main import main
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+SHAKESPEARE = DATA / "tinyshakespeare" / "input.txt"
 ALPACA = DATA / "alpaca_demo" / "alpaca_en_demo.json"
 HH = DATA / "hh_rlhf" / "harmless-base-pairs.jsonl"
 SRC = Path(__file__).resolve().parents[2] / "src"
@@ -210,3 +213,94 @@ def test_grpo_trains_with_ddp(chat_llama, tmp_path):
     assert [r["step"] for r in records if r["split"] == "validation"] == [2, 4]
     assert (run / "model" / "model.safetensors").exists() and (run / "samples.jsonl").exists()
     assert (run / "checkpoint-2" / "training.pt").exists()
+
+
+# ---------------------------------------------------------------------------------------------- recurrent LM
+
+
+def lstm_config(text: Path, out: Path, **train) -> dict:
+    """A tiny LSTM LM from scratch with a char tokenizer trained by the run: 4 streams (the global batch) of 12
+    chunks of 10 characters, so 14 steps cross an epoch boundary (the state restarts from zeros). Weight and
+    embedding dropout draw the same masks in any number of processes; the dropouts drawn per row (input,
+    hidden, output) would not, so they are off."""
+    return {
+        "output_dir": str(out),
+        "model": {"architecture": {"family": "rnn", "cell": "lstm", "hidden_size": 24, "embedding_size": 16,
+                                   "num_layers": 2, "weight_dropout": 0.3, "embedding_dropout": 0.1},
+                  "train_tokenizer": {"type": "char"}},
+        "task": {"type": "recurrent_lm"},
+        "data": {"train": str(text), "validation_split": 0.2, "bptt": 10},
+        "train": {"max_steps": 14, "batch_size": 4, "lr": 1e-2, "precision": "fp32", "warmup": 0, "logging_steps": 1,
+                  "eval_steps": 7, "save_steps": 9, "eval_batch_size": 3, "num_threads": 1, **train},
+    }
+
+
+def carried_state(checkpoint: Path) -> dict[str, torch.Tensor]:
+    return torch.load(checkpoint / "training.pt", weights_only=False)["task"]["state"]
+
+
+def validation_losses(run: Path) -> list[float]:
+    return [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+            if r["split"] == "validation"]
+
+
+def resumable_copy(run: Path, to: Path) -> Path:
+    """`run` as it was when killed just after its checkpoint-9 (the resume trims the later metric lines)."""
+    shutil.copytree(run, to, ignore=shutil.ignore_patterns("model", "metrics.json", "report.md", "plots"))
+    (to / "config.yaml").write_text((to / "config.yaml").read_text().replace(str(run), str(to)))
+    assert [p.name for p in to.glob("checkpoint-[0-9]*")] == ["checkpoint-9"]
+    return to
+
+
+@pytest.fixture(scope="module")
+def lstm_runs(tmp_path_factory) -> dict[str, Path]:
+    """The text, and the 1-process and 2-process (ddp) runs of the same config."""
+    directory = tmp_path_factory.mktemp("lstm")
+    text = directory / "text.txt"
+    text.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:600], encoding="utf-8")
+    torch.set_num_threads(1)
+    one_process("train", str(write(directory / "one.yaml", lstm_config(text, directory / "one"))))
+    ddp = lstm_config(text, directory / "ddp", distributed="ddp")
+    done = torchrun("train", str(write(directory / "ddp.yaml", ddp)))
+    assert "distributed: ddp over 2 processes" in done.stdout + done.stderr
+    return {"text": text, "one": directory / "one", "ddp": directory / "ddp"}
+
+
+def test_recurrent_lm_ddp_matches_one_process(lstm_runs):
+    one, two = lstm_runs["one"], lstm_runs["ddp"]
+    difference = max_loss_difference(one, two)
+    print(f"\nrecurrent LM (LSTM), DDP, 2 processes against 1: max train loss difference {difference:.2e}")
+    assert difference < TOLERANCE
+    assert len(train_losses(two)) == 14 and len(validation_losses(two)) == 2  # steps 7 and 14, rank 0 alone
+    assert max(abs(a - b) for a, b in zip(validation_losses(one), validation_losses(two))) < TOLERANCE
+    # the checkpoint holds the state of all 4 streams, each [1, 4, 24], as one process has it
+    state, expected = carried_state(two / "checkpoint-9"), carried_state(one / "checkpoint-9")
+    assert state.keys() == expected.keys() and len(state) == 4  # (h, c) of 2 layers
+    assert all(state[k].shape == (1, 4, 24) for k in state)
+    assert max(float((state[k] - expected[k]).abs().max()) for k in state) < TOLERANCE
+
+
+def test_recurrent_lm_fsdp_matches_one_process(lstm_runs, tmp_path):
+    """FSDP2 shards the recurrent model as one unit (its weight dropout swaps W_hh in a functional call)."""
+    config = lstm_config(lstm_runs["text"], tmp_path / "fsdp", distributed="fsdp")
+    torchrun("train", str(write(tmp_path / "fsdp.yaml", config)))
+    difference = max_loss_difference(lstm_runs["one"], tmp_path / "fsdp")
+    print(f"\nrecurrent LM (LSTM), FSDP2, 2 processes against 1: max train loss difference {difference:.2e}")
+    assert difference < TOLERANCE
+    assert carried_state(tmp_path / "fsdp" / "checkpoint-9")["layer.0.0"].shape == (1, 4, 24)
+
+
+def test_recurrent_lm_checkpoints_resume_with_another_number_of_processes(lstm_runs, tmp_path, capsys):
+    """Checkpoint 9 is mid-epoch (12 chunks an epoch), where the carried state matters: a 2-process checkpoint
+    resumed by 1 process, and a 1-process one by 2, give the losses of the uninterrupted 1-process run."""
+    by_one = resumable_copy(lstm_runs["ddp"], tmp_path / "by-one")
+    one_process("train", "--resume", str(by_one))
+    assert "resumed from step 9" in capsys.readouterr().out
+    by_two = resumable_copy(lstm_runs["one"], tmp_path / "by-two")
+    assert "resumed from step 9" in torchrun("train", "--resume", str(by_two)).stdout
+    for name, run in (("2 processes resumed by 1", by_one), ("1 process resumed by 2", by_two)):
+        difference = max_loss_difference(lstm_runs["one"], run)
+        print(f"\nrecurrent LM, {name} at step 9: max train loss difference {difference:.2e}")
+        assert difference < TOLERANCE
+        assert max_weight_difference(lstm_runs["one"] / "model" / "model.safetensors",
+                                     run / "model" / "model.safetensors") < 1e-4

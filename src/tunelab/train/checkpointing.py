@@ -15,6 +15,7 @@ import random
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -115,8 +116,9 @@ def save_checkpoint(directory: Path, model, optimizer, scheduler, state: Trainer
     """Write checkpoint `directory` atomically (all files into DIR.tmp, then one rename).
 
     Without optimizer and scheduler it holds the weights only (the best model's copy). `task_state` is what
-    a task step carries between batches (a recurrent LM's state), saved with the optimizer. Under torchrun
-    every process calls it and rank 0 writes (the others return before writing).
+    a task step carries between batches (a recurrent LM's state, of every stream: under torchrun the Trainer
+    gathers each process's streams), saved with the optimizer. Under torchrun every process calls it and
+    rank 0 writes (the others return before writing).
     """
     weights = trainable_state(model)
     optimizer_blob = optimizer_state(model, optimizer) if optimizer is not None else None
@@ -173,9 +175,11 @@ def load_model_weights(directory: Path, model) -> None:
             params[name].copy_(tensor)
 
 
-def load_checkpoint(directory: Path, model, optimizer, scheduler, task=None) -> TrainerState:
+def load_checkpoint(directory: Path, model, optimizer, scheduler, task=None, *,
+                    task_share: Callable[[dict], dict] | None = None) -> TrainerState:
     """Restore model, optimizer, scheduler and RNG states (and the task step's carried state, when the task
-    has one); returns the trainer state to continue from."""
+    has one: `task_share` of it, this process's share under torchrun); returns the trainer state to continue
+    from."""
     load_model_weights(directory, model)
     blob = torch.load(directory / "training.pt", map_location="cpu", weights_only=False)
     load_optimizer_state(model, optimizer, blob["optimizer"])
@@ -185,7 +189,7 @@ def load_checkpoint(directory: Path, model, optimizer, scheduler, task=None) -> 
         if "task" not in blob:
             raise CheckpointError(f"{directory}: the checkpoint lacks the task's carried state (written by an "
                                   "older tunelab?); it cannot resume exactly")
-        task.load_state_dict(blob["task"])
+        task.load_state_dict(task_share(blob["task"]) if task_share else blob["task"])
     return TrainerState(**json.loads((directory / STATE_FILE).read_text()))
 
 

@@ -8,6 +8,10 @@ train.batch_size stays the global batch and each process trains on its share of 
 counts are all-reduced), and the loss is multiplied by the world size because DDP and FSDP2 average the
 gradients over processes: the averaged gradient is then exactly the gradient of one process on the whole
 batch, up to the order of float additions.
+
+A task step whose carried state has one row per batch row (a recurrent LM's state, one row per stream) keeps
+its own rows in each process; a checkpoint holds the rows of every process, gathered (`gather_rows`), and a
+resumed process takes its share back (`share_of_rows`), so the checkpoint does not depend on the world size.
 """
 
 from __future__ import annotations
@@ -62,6 +66,14 @@ class DistributedContext:
         dist.broadcast_object_list(box, src=0, device=self._comm_device())
         return box[0]
 
+    def gather(self, value) -> list:
+        """Every process's `value` (any picklable object), in rank order, on every process."""
+        if not self.enabled:
+            return [value]
+        values = [None] * self.world_size
+        dist.all_gather_object(values, value)
+        return values
+
     def _comm_device(self) -> torch.device:
         return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
 
@@ -103,9 +115,6 @@ def check_distributed_config(settings, world_size: int, *, mode: str, method: st
     if settings.batch_size % world_size:
         raise ConfigError(f"train.batch_size {settings.batch_size} (the global batch) does not divide over "
                           f"{world_size} processes (WORLD_SIZE); choose a multiple of {world_size}")
-    if task == "recurrent_lm":
-        raise ConfigError("task recurrent_lm carries its recurrent state from batch to batch per stream; it trains "
-                          "in one process (run it without torchrun)")
     if mode == "fsdp" and method == "qlora":
         raise ConfigError("method qlora trains with train.distributed: ddp (torchao's NF4 base weights are not "
                           "sharded by FSDP2); set train.distributed=ddp")
@@ -130,6 +139,35 @@ def share_of_batch(indices: list[int], context: DistributedContext) -> list[int]
     per, extra = divmod(len(indices), context.world_size)
     start = context.rank * per + min(context.rank, extra)
     return list(indices[start:start + per + (1 if context.rank < extra else 0)])
+
+
+def gather_rows(state, dim: int, context: DistributedContext):
+    """`state` (a tensor or a dict of them, nested dicts allowed) of the whole global batch: each tensor's rows
+    along `dim` from every process, concatenated in rank order (the order of share_of_batch). A collective:
+    every process calls it and gets the whole state."""
+    return _concat_rows(context.gather(state), dim) if context.enabled else state
+
+
+def _concat_rows(parts: list, dim: int):
+    first = parts[0]
+    if torch.is_tensor(first):
+        return torch.cat(parts, dim)
+    if isinstance(first, dict):
+        return {key: _concat_rows([part[key] for part in parts], dim) for key in first}
+    return first
+
+
+def share_of_rows(state, dim: int, context: DistributedContext):
+    """This process's rows (share_of_batch) along `dim` of each tensor of a whole-batch `state`: the inverse of
+    gather_rows."""
+    if not context.enabled:
+        return state
+    if isinstance(state, dict):
+        return {key: share_of_rows(value, dim, context) for key, value in state.items()}
+    if not torch.is_tensor(state):
+        return state
+    rows = share_of_batch(list(range(state.shape[dim])), context)
+    return state.index_select(dim, torch.tensor(rows, dtype=torch.long, device=state.device))
 
 
 # ---------------------------------------------------------------------------------------------- the model

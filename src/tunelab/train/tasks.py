@@ -308,6 +308,7 @@ class RecurrentLMStep(TaskStep):
     """
 
     head, main_metric, greater_is_better = "lm", "loss", False
+    state_rows_dim = 1  # the carried state's tensors are [1, B, H]: one row per stream (batch row)
 
     def __init__(self, pad_token_id: int = 0, bptt: int = 35) -> None:
         super().__init__(pad_token_id)

@@ -28,7 +28,15 @@ from tunelab.train.checkpointing import (
     prune_checkpoints,
     save_checkpoint,
 )
-from tunelab.train.distributed import DistributedContext, gradient_sync, is_sharded, share_of_batch, unwrap
+from tunelab.train.distributed import (
+    DistributedContext,
+    gather_rows,
+    gradient_sync,
+    is_sharded,
+    share_of_batch,
+    share_of_rows,
+    unwrap,
+)
 from tunelab.train.logging import MetricsLog
 from tunelab.train.optim import build_optimizer, build_scheduler
 
@@ -49,7 +57,9 @@ class TaskStep(Protocol):
     def evaluate(self, model, features: list[dict], batch_size: int, autocast) -> dict[str, Any]: ...
 
     # optional: a step that carries something from batch to batch (a recurrent LM's state) also has
-    # state_dict() -> dict and load_state_dict(dict), saved in and restored from resumable checkpoints;
+    # state_dict() -> dict and load_state_dict(dict), saved in and restored from resumable checkpoints; when
+    # the carried tensors have one row per batch row (per stream) along a dimension, `state_rows_dim` names
+    # it: under torchrun a checkpoint then holds the rows of every process (the same for any world size);
     # a step with pop_train_metrics() -> {name: mean} has those values of its training batches since the
     # last log line logged with the loss (preference tasks: reward accuracy and margin)
 
@@ -155,7 +165,8 @@ class Trainer:
         checkpoints = list_checkpoints(self.run_dir)
         if not checkpoints:
             return False
-        self.state = load_checkpoint(checkpoints[-1], self.module, self.optimizer, self.scheduler, self.task)
+        self.state = load_checkpoint(checkpoints[-1], self.module, self.optimizer, self.scheduler, self.task,
+                                     task_share=self._share_of_task_state)
         self.best_metrics = self.state.best_metrics
         return True
 
@@ -364,7 +375,21 @@ class Trainer:
 
     def _save(self) -> None:
         directory = self.run_dir / f"checkpoint-{self.state.global_step}"
-        task_state = self.task.state_dict() if hasattr(self.task, "state_dict") else None
-        save_checkpoint(directory, self.module, self.optimizer, self.scheduler, self.state, task_state=task_state)
+        save_checkpoint(directory, self.module, self.optimizer, self.scheduler, self.state,
+                        task_state=self._task_state())
         if self.dist.is_main:
             prune_checkpoints(self.run_dir, self.settings.save_total_limit)
+
+    def _task_state(self) -> dict | None:
+        """What the task step carries between batches, for a checkpoint; a state kept per row, of every process
+        (gathered: every process calls this)."""
+        if not hasattr(self.task, "state_dict"):
+            return None
+        rows_dim = getattr(self.task, "state_rows_dim", None)
+        state = self.task.state_dict()
+        return state if rows_dim is None else gather_rows(state, rows_dim, self.dist)
+
+    def _share_of_task_state(self, state: dict) -> dict:
+        """This process's rows of a checkpoint's task state kept per row (all of it for any other state)."""
+        rows_dim = getattr(self.task, "state_rows_dim", None)
+        return state if rows_dim is None else share_of_rows(state, rows_dim, self.dist)

@@ -1,6 +1,7 @@
-"""train/distributed.py in one process: shares of a global batch, the mode torchrun implies, config errors;
-and checkpoints whose optimizer state is keyed by parameter name (any world size resumes them), with the
-older index-keyed form still read. The 2-process runs are in tests/integration/test_distributed_cli.py."""
+"""train/distributed.py in one process: shares of a global batch and of a carried state, the mode torchrun
+implies, config errors; and checkpoints whose optimizer state is keyed by parameter name (any world size
+resumes them), with the older index-keyed form still read. The 2-process runs are in
+tests/integration/test_distributed_cli.py."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from tunelab.train.distributed import (
     check_distributed_config,
     resolve_mode,
     share_of_batch,
+    share_of_rows,
     wrap_model,
 )
 from tunelab.train.optim import build_optimizer, build_scheduler
@@ -33,6 +35,19 @@ def test_the_shares_of_a_batch_are_its_rows_in_order(size):
     assert share_of_batch(batch, DistributedContext()) == batch
 
 
+@pytest.mark.parametrize("streams", [8, 5])
+def test_each_process_keeps_the_rows_of_its_streams_of_a_carried_state(streams):
+    """A recurrent LM's state [1, B, H] per layer: each process takes the rows of its share of the batch."""
+    state = {"state": {"layer.0.0": torch.randn(1, streams, 3), "layer.0.1": torch.randn(1, streams, 3)}, "n": 2}
+    shares = [share_of_rows(state, 1, context(rank, 2)) for rank in range(2)]
+    for rank, share in enumerate(shares):
+        rows = share_of_batch(list(range(streams)), context(rank, 2))
+        assert share["n"] == 2 and share["state"]["layer.0.0"].shape == (1, len(rows), 3)
+    for key, whole in state["state"].items():  # in rank order, the shares are the whole state (gather_rows)
+        assert torch.equal(torch.cat([share["state"][key] for share in shares], 1), whole)
+    assert share_of_rows(state, 1, DistributedContext()) is state
+
+
 def test_auto_is_ddp_under_torchrun_and_nothing_in_one_process():
     assert resolve_mode("auto", 1) == "none" and resolve_mode("fsdp", 1) == "none"
     assert resolve_mode("auto", 2) == "ddp" and resolve_mode("fsdp", 4) == "fsdp"
@@ -46,8 +61,10 @@ def test_config_errors_name_the_key_and_the_world_size():
     check_distributed_config(TrainSection(batch_size=8), 4, mode="ddp", method="qlora", task="chat")
     with pytest.raises(ConfigError, match="method qlora trains with train.distributed: ddp"):
         check_distributed_config(TrainSection(batch_size=8), 4, mode="fsdp", method="qlora", task="chat")
-    with pytest.raises(ConfigError, match="recurrent_lm"):
-        check_distributed_config(TrainSection(batch_size=8), 2, mode="ddp", method="full", task="recurrent_lm")
+    for mode in ("ddp", "fsdp"):  # a recurrent LM's streams are the rows of the global batch
+        check_distributed_config(TrainSection(batch_size=8), 4, mode=mode, method="full", task="recurrent_lm")
+        with pytest.raises(ConfigError, match=r"train.batch_size 6 \(the global batch\) does not divide over 4"):
+            check_distributed_config(TrainSection(batch_size=6), 4, mode=mode, method="full", task="recurrent_lm")
     with pytest.raises(ValueError, match="distributed"):
         TrainSection(distributed="deepspeed")
 
