@@ -324,6 +324,8 @@ class RecurrentLMStep(TaskStep):
         state = self.state
         if batch.get("chunk", 0) == 0 or (state is not None and state_batch_size(state) != batch["input_ids"].shape[0]):
             state = None  # the streams start again (a new epoch)
+        elif state is not None and state[0][0].device != batch["input_ids"].device:  # resumed: read on the CPU
+            state = [tuple(t.to(batch["input_ids"].device) for t in layer) for layer in state]
         out = model(batch["input_ids"], batch.get("attention_mask"), state=state, heads=(self.head,))
         self.state = detach_state(out.state)
         return token_loss(out.logits[self.head], batch["labels"])
