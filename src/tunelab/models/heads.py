@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tunelab.nn.activations import get_activation
+from tunelab.nn.packed import linear
 
 
 class LMHead(nn.Module):
@@ -20,7 +21,7 @@ class LMHead(nn.Module):
         self.proj = nn.Linear(dim, vocab_size, bias=bias)
 
     def forward(self, hidden, pooled=None, attention_mask=None) -> torch.Tensor:
-        return self.proj(hidden)
+        return linear(hidden, self.proj)
 
 
 class MaskedLMHead(nn.Module):

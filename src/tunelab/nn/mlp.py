@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from tunelab.nn.activations import get_activation
+from tunelab.nn.packed import linear, linears
 
 
 class MLP(nn.Module):
@@ -18,7 +19,7 @@ class MLP(nn.Module):
         self.act = get_activation(activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc_out(self.act(self.fc_in(x)))
+        return linear(self.act(linear(x, self.fc_in)), self.fc_out)
 
 
 class GatedMLP(nn.Module):
@@ -32,4 +33,5 @@ class GatedMLP(nn.Module):
         self.act = get_activation(activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = linears(x, self.gate_proj, self.up_proj)  # one matmul at inference
+        return linear(self.act(gate) * up, self.down_proj)
