@@ -61,9 +61,14 @@ def chunked_lm_loss(
 def chunked_cross_entropy(
     rows: torch.Tensor, targets: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor], *, chunk_size: int = 1024
 ) -> torch.Tensor:
-    """sum CE(head(rows), targets) over rows [N, D] and targets [N], `chunk_size` rows at a time; each chunk's
-    [chunk_size, V] logits are recomputed in the backward pass instead of being kept (with a single chunk
-    there is nothing to gain: it is computed once, as usual)."""
+    """sum CE(head(rows), targets) over rows [N, D] and targets [N], `chunk_size` rows at a time.
+
+    A plain linear head (an nn.Linear, e.g. a decoder's LM projection) goes through linear_cross_entropy: one
+    pass over each chunk's logits gives the loss and its gradients. Any other head: each chunk's [chunk_size, V]
+    logits are recomputed in the backward pass instead of being kept (with a single chunk there is nothing to
+    gain: it is computed once, as usual)."""
+    if isinstance(head, torch.nn.Linear) and head.bias is None and type(head.weight.data) is torch.Tensor:
+        return linear_cross_entropy(rows, head.weight, targets, chunk_size=chunk_size)
     if rows.shape[0] <= chunk_size:
         return _chunk_ce(rows, targets, head)
     total = rows.new_zeros((), dtype=torch.float32)
@@ -75,6 +80,60 @@ def chunked_cross_entropy(
 
 def _chunk_ce(h: torch.Tensor, y: torch.Tensor, head) -> torch.Tensor:
     return F.cross_entropy(head(h).float(), y, reduction="sum")
+
+
+def linear_cross_entropy(rows: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+                         chunk_size: int = 1024) -> torch.Tensor:
+    """sum_i CE(W h_i, y_i) over rows [N, D], weight [V, D] and targets [N], without keeping any logits.
+
+    For each chunk of rows, z = h W^T is computed once (in the autocast dtype when autocast is on, as F.linear
+    would) and the loss comes from it in fp32: CE = logsumexp(z) - z_y. Since the loss is a sum, its gradient
+    with respect to z is already known in the forward pass, softmax(z) - onehot(y), so the gradients of h and
+    W are formed there too (dh = dz W, dW += dz^T h) and the backward pass only scales them by the incoming
+    gradient. Against checkpointed chunks through F.cross_entropy this skips the recomputed projection, the
+    fp32 copy of the logits and the separate log-softmax backward: one pass over [chunk, V] instead of four.
+    """
+    grad = torch.is_grad_enabled()
+    return _LinearCrossEntropy.apply(rows, weight, targets, chunk_size, grad and rows.requires_grad,
+                                     grad and weight.requires_grad)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, rows, weight, targets, chunk_size, need_rows, need_weight):
+        device_type = rows.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else rows.dtype
+        acc = torch.promote_types(dtype, torch.float32)  # the loss in fp32 (fp64 for an fp64 model)
+        with torch.autocast(device_type, enabled=False):
+            w = weight.to(dtype)  # [V, D]
+            h_all = rows.to(dtype)  # [N, D]
+            grad_rows = torch.empty_like(h_all) if need_rows else None
+            grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_weight else None
+            total = torch.zeros((), dtype=acc, device=rows.device)
+            for start in range(0, h_all.shape[0], chunk_size):
+                h, y = h_all[start: start + chunk_size], targets[start: start + chunk_size]
+                z = (h @ w.t()).to(acc)  # [c, V]
+                lse = torch.logsumexp(z, dim=-1)  # [c]
+                total += (lse - z.gather(1, y[:, None]).squeeze(1)).sum()
+                if need_rows or need_weight:
+                    z.sub_(lse[:, None]).exp_()  # softmax, in place
+                    z[torch.arange(y.shape[0], device=y.device), y] -= 1.0  # d CE / d z
+                    dz = z.to(dtype)
+                    if need_rows:
+                        grad_rows[start: start + chunk_size] = dz @ w
+                    if need_weight:
+                        grad_weight += dz.t() @ h
+        ctx.save_for_backward(grad_rows, grad_weight)
+        ctx.dtypes = (rows.dtype, weight.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_rows, grad_weight = ctx.saved_tensors
+        rows_dtype, weight_dtype = ctx.dtypes
+        d_rows = (grad_rows * grad_total).to(rows_dtype) if grad_rows is not None else None
+        d_weight = (grad_weight * grad_total).to(weight_dtype) if grad_weight is not None else None
+        return d_rows, d_weight, None, None, None, None
 
 
 def chunked_token_lm_loss(

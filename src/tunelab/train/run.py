@@ -53,6 +53,25 @@ class PreparedData:
     train_examples: int = 0
 
 
+def reuse_large_allocations() -> None:
+    """Have glibc's malloc keep freed large blocks for reuse instead of unmapping them at once.
+
+    A training step allocates and frees hundreds of megabytes (activations, chunks of logits). By default every
+    block above malloc's mmap threshold is a new mapping, and its pages fault in again on first touch: on this
+    project's 2-core machine that made a fused cross-entropy over 2,048 x 49,152 logits take 0.96 s instead of
+    0.59. Freed memory stays with the process for its next step; the peak is unchanged. A no-op without glibc.
+    """
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt parameters (malloc.h)
+    libc.mallopt(m_mmap_threshold, 1 << 30)
+    libc.mallopt(m_trim_threshold, 1 << 30)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -736,6 +755,7 @@ def _train(config: TrainConfig, context, *, resume: bool, show_progress: bool, l
         run_dir.mkdir(parents=True, exist_ok=True)
     if config.train.num_threads:
         torch.set_num_threads(config.train.num_threads)
+    reuse_large_allocations()
     seed_everything(config.train.seed)
 
     if main:  # a tokenizer trained for the run: rank 0 trains and saves it, the others read it back

@@ -14,8 +14,15 @@ from tunelab.evaluate import metrics as M
 from tunelab.losses import (chunked_lm_loss, chunked_token_lm_loss, classification_loss, masked_lm_loss,
                             next_sentence_loss, span_loss, token_loss)
 from tunelab.models.base import Model
+from tunelab.models.heads import LMHead
 
 Autocast = Callable[[], Any]
+
+
+def lm_projection(head):
+    """The language-model head as what the chunked losses take: an LMHead's own linear layer (its forward is just
+    that projection), so that the loss can fuse it with the cross-entropy; any other head as it is."""
+    return head.proj if type(head) is LMHead else head
 
 
 def _inputs(batch: dict) -> dict:
@@ -217,7 +224,7 @@ class CausalLMStep(TaskStep):
     def loss(self, model, batch):
         out = model(batch["input_ids"], batch.get("attention_mask"), heads=(),
                     **{k: v for k, v in _inputs(batch).items() if k != "attention_mask"})
-        return chunked_lm_loss(out.hidden, batch["labels"], model.heads["lm"])
+        return chunked_lm_loss(out.hidden, batch["labels"], lm_projection(model.heads["lm"]))
 
     @torch.inference_mode()
     def evaluate(self, model, features, batch_size, autocast) -> dict:
