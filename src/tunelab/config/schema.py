@@ -446,6 +446,8 @@ class TrainSection(Section):
     greater_is_better: bool | None = None
     early_stopping_patience: int = Field(0, ge=0, description="stop after N evaluations without improvement (0: never)")
     group_by_length: bool = True
+    fused_optimizer: bool = Field(True, description="AdamW's fused kernel where the parameters allow it (plain "
+                                  "tensors on a CPU or GPU); false: the multi-tensor path")
     eval_batch_size: int | None = Field(None, ge=1)
     num_threads: int | None = Field(None, ge=1, description="CPU threads (default: all cores)")
     distributed: Literal["auto", "ddp", "fsdp"] = Field(

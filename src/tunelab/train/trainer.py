@@ -144,7 +144,8 @@ class Trainer:
             self.total_steps = settings.max_steps
         else:
             self.total_steps = max(1, math.ceil(settings.epochs * self.steps_per_epoch))
-        self.optimizer = build_optimizer(self.module, settings.lr, settings.weight_decay, settings.betas)
+        self.optimizer = build_optimizer(self.module, settings.lr, settings.weight_decay, settings.betas,
+                                         fused=settings.fused_optimizer)
         self.scheduler = build_scheduler(self.optimizer, settings.schedule, settings.warmup, self.total_steps)
         self.state = TrainerState()
         self.metric = settings.metric or task.main_metric
