@@ -37,6 +37,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -93,7 +94,10 @@ def _write_lines(path: Path, lines: list[str]) -> None:
 
 
 def prepare(job: str) -> Path:
-    """The job's files in .bench/compare/<job>/ (made once; the same for every side)."""
+    """The job's files in .bench/compare/<job>/ (made once; the same for every side). Generation takes its
+    prompts from the SFT job's files."""
+    if job == "generate":
+        return prepare("sft")
     folder = CACHE / job
     if (folder / "ready").exists():
         return folder
@@ -103,7 +107,7 @@ def prepare(job: str) -> Path:
         _write_lines(folder / "train.tsv", lines[: 1 + CLASSIFY["train"]])
         lines = (DATA / "sst2" / "dev.tsv").read_text(encoding="utf-8").splitlines()
         _write_lines(folder / "validation.tsv", lines[: 1 + CLASSIFY["validation"]])
-    elif job in ("sft", "generate"):
+    elif job == "sft":
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(smollm_dir())
@@ -233,7 +237,7 @@ def tunelab_result(out: Path) -> dict:
     return {"val_loss": metrics.get("loss"), "train_seconds": train[-1].get("elapsed") if train else None}
 
 
-def tunelab_generate(folder: Path, out: Path) -> dict:
+def tunelab_generate(folder: Path) -> dict:
     import torch
 
     from tunelab.generate import GenerationSettings, generate
@@ -261,7 +265,7 @@ def _timed_generation(run, prompts: list[list[int]]) -> dict:
     batch8 = time.perf_counter() - start
     n1, n8 = sum(len(o) for o in outputs), sum(len(o) for o in batched)
     return {"batch1_tokens_per_second": n1 / batch1, "batch8_tokens_per_second": n8 / batch8,
-            "outputs": [list(map(int, o)) for o in batched], "tokens": n1 + n8, "train_seconds": batch1 + batch8}
+            "outputs": [list(map(int, o)) for o in batched]}
 
 
 # ------------------------------------------------------------------------------------------------ HF side
@@ -342,7 +346,7 @@ def hf_worker(job: str, side: str, folder: Path, out: Path) -> dict:
                            per_device_eval_batch_size=8, learning_rate=SFT["lr"], lr_scheduler_type="linear",
                            warmup_steps=0, weight_decay=0.0, save_strategy="no", eval_strategy="no", logging_steps=1,
                            report_to=[], bf16=True, use_cpu=True, seed=42, disable_tqdm=True,
-                           max_length=SFT["max_length"], packing=side.endswith("packed"), dataset_num_proc=None)
+                           max_length=SFT["max_length"], packing=side.endswith("packed"))
         trainer = SFTTrainer(model=str(smollm_dir()), args=config, train_dataset=dataset("train.jsonl"),
                              eval_dataset=dataset("validation.jsonl"), peft_config=_lora_config(SFT["dropout"]))
     elif job == "dpo":
@@ -410,8 +414,6 @@ def _env() -> dict:
 def run_side(job: str, side: str, folder: Path, work: Path) -> dict:
     """One side of one job in its own process: wall seconds, peak resident memory and the side's figures."""
     out = work / f"{job}-{side}"
-    import shutil
-
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     if side == "tunelab" and job != "generate":
@@ -502,8 +504,7 @@ def ratios(job: str, rows: list[dict], runs: list[dict]) -> dict:
         for k in ("batch1_tokens_per_second", "batch8_tokens_per_second"):
             out[k.replace("_tokens_per_second", "")] = mine[k] / max(p[k] for p in peers)
         ours = next(r["outputs"] for r in runs if r["side"] == "tunelab")
-        theirs = next(r["outputs"] for r in runs if r["side"] == "hf-fp32") if any(
-            r["side"] == "hf-fp32" for r in runs) else None
+        theirs = next((r["outputs"] for r in runs if r["side"] == "hf-fp32"), None)
         if theirs is not None:
             same = sum(a == b for x, y in zip(ours, theirs) for a, b in zip(x, y))
             out["greedy_tokens_equal_to_hf_fp32"] = same / max(1, sum(len(x) for x in ours))
@@ -539,7 +540,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         job, side = args.worker
-        figures = tunelab_generate(args.folder, args.out) if side == "tunelab" else \
+        figures = tunelab_generate(args.folder) if side == "tunelab" else \
             hf_worker(job, side, args.folder, args.out)
         (args.out / "result.json").write_text(json.dumps(figures))
         return

@@ -98,6 +98,23 @@ def randomize_weights(model: torch.nn.Module, seed: int = 0, std: float = 0.3) -
                     p.copy_(std * noise)
 
 
+def randomize_adapters(model, seed: int = 1) -> None:
+    """Random A and B (and DoRA magnitudes, and the modules_to_save) of our LoRA-adapted model, so that every
+    part of the adapter changes the outputs."""
+    from tunelab.peft import lora_modules
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_a.weight.copy_(0.3 * torch.randn(m.lora_a.weight.shape, generator=gen))
+            m.lora_b.weight.copy_(0.1 * torch.randn(m.lora_b.weight.shape, generator=gen))
+            if m.dora:
+                m.lora_magnitude.mul_(0.5 + torch.rand(m.lora_magnitude.shape, generator=gen))
+        for path in model.lora_settings.modules_to_save:
+            for p in model.get_submodule(path).parameters():
+                p.add_(0.2 * torch.randn(p.shape, generator=gen))
+
+
 def build_hf_model(case: str, seed: int = 0, **overrides):
     """A tiny transformers model of `case` in eval mode, fp32, eager attention, weights from N(0, 0.3)."""
     import transformers as tf
@@ -224,7 +241,8 @@ def tiny() -> SimpleNamespace:
     """The helpers and constants of this file, for test modules."""
     return SimpleNamespace(
         VOCAB=VOCAB, PAD=PAD, SEQ=SEQ, CASES=CASES, ENCODER_CASES=ENCODER_CASES, DECODER_CASES=DECODER_CASES,
-        pad_id=pad_id, randomize_weights=randomize_weights, build_hf_model=build_hf_model,
+        pad_id=pad_id, randomize_weights=randomize_weights, randomize_adapters=randomize_adapters,
+        build_hf_model=build_hf_model,
         save_hf_model=save_hf_model, random_ids=random_ids, padded_batch=padded_batch,
         left_padded_positions=left_padded_positions, max_diff=max_diff, record=record,
         minilm_dir=minilm_dir, minilm_bert=minilm_bert,

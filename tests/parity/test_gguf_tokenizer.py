@@ -17,6 +17,7 @@ from gguf import GGUFWriter
 
 from tunelab.checkpoint.gguf import read_gguf_metadata
 from tunelab.errors import TokenizerError
+from tunelab.export.gguf import add_metadata
 from tunelab.tokenizer.gguf import (
     build_gguf_backend,
     byte_level_alphabet,
@@ -122,14 +123,7 @@ def write_tokenizer_gguf(path: Path, tokenizer_kv: dict) -> Path:
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_rope_freq_base(10000.0)
     for key, value in tokenizer_kv.items():
-        if isinstance(value, bool):
-            writer.add_bool(key, value)
-        elif isinstance(value, int):
-            writer.add_uint32(key, value)
-        elif isinstance(value, str):
-            writer.add_string(key, value)
-        else:
-            writer.add_array(key, value)
+        add_metadata(writer, key, value)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

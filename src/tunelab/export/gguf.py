@@ -252,8 +252,9 @@ def _encode(tensor: GGUFTensor) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------- writing
 
 
-def _add(writer, key: str, value: Any) -> None:
-    """One metadata value: ints as uint32, floats as float32 (arrays: int32, float32, string items)."""
+def add_metadata(writer, key: str, value: Any) -> None:
+    """One metadata value on a gguf.GGUFWriter: bools, ints as uint32, floats as float32, strings; anything else
+    as an array (int32, float32 or string items)."""
     if isinstance(value, bool):
         writer.add_bool(key, value)
     elif isinstance(value, int):
@@ -298,7 +299,7 @@ def export_gguf(model: Model, tokenizer: Tokenizer, out: str | Path, *, quant: s
         writer = GGUFWriter(str(tmp), arch)
         try:
             for key, value in metadata.items():
-                _add(writer, key, value)
+                add_metadata(writer, key, value)
             for tensor in tensors:
                 data = _encode(tensor)
                 writer.add_tensor(tensor.name, data, raw_dtype=tensor.qtype if data.dtype == np.uint8 else None)

@@ -128,8 +128,7 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         if memory is None and memory_kv is None:  # self-attention: q, k and v from x in one matmul (inference)
             q, k, v = linears(x, self.q_proj, self.k_proj, self.v_proj)
-            k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, hd]
-            v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            k, v = self._kv_heads(k), self._kv_heads(v)  # [B, Hkv, T, hd] each
         else:
             q = self.q_proj(x)
             k, v = memory_kv if memory_kv is not None else self.project_memory(memory)  # [B, Hkv, S, hd] each
@@ -156,7 +155,9 @@ class Attention(nn.Module):
 
     def project_memory(self, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of `source` [B, S, D]: ([B, Hkv, S, hd], [B, Hkv, S, hd])."""
-        B, S, _ = source.shape
-        k = self.k_proj(source).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(source).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        return k, v
+        return self._kv_heads(self.k_proj(source)), self._kv_heads(self.v_proj(source))
+
+    def _kv_heads(self, t: torch.Tensor) -> torch.Tensor:
+        """[B, S, Hkv * hd] -> [B, Hkv, S, hd]."""
+        B, S, _ = t.shape
+        return t.view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)

@@ -29,9 +29,9 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas=(0.9
         (no_decay if param.ndim < 2 or any(k in name for k in NO_DECAY) else decay).append(param)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     params = decay + no_decay
-    fused = fused and bool(params) and all(type(p.data) is torch.Tensor and p.is_floating_point() for p in params) and (
-        len({p.device.type for p in params}) == 1 and params[0].device.type in ("cpu", "cuda"))
-    kind = {"fused": True} if fused else {"foreach": True}
+    plain = all(type(p.data) is torch.Tensor and p.is_floating_point() for p in params)
+    devices = {p.device.type for p in params}
+    kind = {"fused": True} if fused and plain and devices in ({"cpu"}, {"cuda"}) else {"foreach": True}
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, **kind)
 
 

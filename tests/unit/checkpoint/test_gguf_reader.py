@@ -20,6 +20,7 @@ from gguf.quants import dequantize, quantize
 
 from tunelab.checkpoint.gguf import GGUFCheckpoint, read_gguf, read_gguf_metadata
 from tunelab.errors import CheckpointError
+from tunelab.export.gguf import add_metadata
 
 # ------------------------------------------------------------------------------------------------
 # helpers: HF model -> GGUF file, as llama.cpp's convert_hf_to_gguf.py lays it out
@@ -81,16 +82,7 @@ def write_gguf(path: Path, arch: str, kv: dict, tensors: dict[str, tuple[np.ndar
     ({name: (data, type)}; data already in the stored form: float arrays, or uint8 blocks)."""
     writer = GGUFWriter(str(path), arch)
     for key, value in kv.items():
-        if isinstance(value, bool):
-            writer.add_bool(key, value)
-        elif isinstance(value, int):
-            writer.add_uint32(key, value)
-        elif isinstance(value, float):
-            writer.add_float32(key, value)
-        elif isinstance(value, str):
-            writer.add_string(key, value)
-        else:
-            writer.add_array(key, value)
+        add_metadata(writer, key, value)
     for name, (data, qtype) in tensors.items():
         if data.dtype == np.uint8:
             writer.add_tensor(name, data, raw_dtype=qtype)

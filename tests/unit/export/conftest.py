@@ -30,21 +30,8 @@ def wide_llama(chat_llama, tmp_path_factory, tiny) -> Path:
     return path
 
 
-def random_adapters(model, seed: int = 1) -> None:
-    """Non-zero A, B (and DoRA magnitudes) so that the adapters change every output."""
-    from tunelab.peft import lora_modules
-
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in lora_modules(model).values():
-            m.lora_a.weight.copy_(0.3 * torch.randn(m.lora_a.weight.shape, generator=gen))
-            m.lora_b.weight.copy_(0.1 * torch.randn(m.lora_b.weight.shape, generator=gen))
-            if m.dora:
-                m.lora_magnitude.mul_(0.5 + torch.rand(m.lora_magnitude.shape, generator=gen))
-
-
 @pytest.fixture
-def adapted(wide_llama):
+def adapted(wide_llama, tiny):
     """adapted(dora=False, quantize_base=False) -> (our model with random adapters on every linear, tokenizer)."""
     import tunelab
     from tunelab.peft import LoraSettings, apply_lora
@@ -52,7 +39,7 @@ def adapted(wide_llama):
     def make(**settings):
         model, tokenizer = tunelab.load(wide_llama)
         apply_lora(model, LoraSettings(r=4, alpha=8, target_modules=["all-linear"], **settings))
-        random_adapters(model)
+        tiny.randomize_adapters(model)
         return model.eval(), tokenizer
 
     return make

@@ -21,20 +21,6 @@ peft = pytest.importorskip("peft")
 TOL = 1e-5
 
 
-def randomize_ours(model, seed: int = 1) -> None:
-    """Random A and B (and DoRA magnitudes, and the modules_to_save) so that every part of the adapter counts."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in lora_modules(model).values():
-            m.lora_a.weight.copy_(0.3 * torch.randn(m.lora_a.weight.shape, generator=gen))
-            m.lora_b.weight.copy_(0.1 * torch.randn(m.lora_b.weight.shape, generator=gen))
-            if m.dora:
-                m.lora_magnitude.mul_(0.5 + torch.rand(m.lora_magnitude.shape, generator=gen))
-        for path in model.lora_settings.modules_to_save:
-            for p in model.get_submodule(path).parameters():
-                p.add_(0.2 * torch.randn(p.shape, generator=gen))
-
-
 def randomize_peft(peft_model, seed: int = 1) -> None:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -83,7 +69,7 @@ def test_our_adapter_loads_in_peft(tiny, make_hf_model, tmp_path, name):
     hf_model, path = make_hf_model(case)
     model = read_hf_model(path)
     apply_lora(model, settings)
-    randomize_ours(model)
+    tiny.randomize_adapters(model)
     ids = tiny.random_ids(2, tiny.SEQ)
     base = hf_logits(hf_model, ids)
     directory = save_peft_adapter(model, tmp_path / "adapter", base_model=str(path))
@@ -101,7 +87,7 @@ def test_adapter_dropout_matches_peft_in_train_mode(tiny, make_hf_model, tmp_pat
     hf_model, path = make_hf_model("llama-gqa")
     model = read_hf_model(path)
     apply_lora(model, LoraSettings(r=4, alpha=8, dropout=0.3, target_modules=["q_proj", "v_proj", "up_proj"], dora=dora))
-    randomize_ours(model)
+    tiny.randomize_adapters(model)
     peft_model = peft.PeftModel.from_pretrained(hf_model, save_peft_adapter(model, tmp_path / "a"), is_trainable=True)
     model.train()
     peft_model.train()
@@ -149,7 +135,7 @@ def test_per_module_ranks_go_to_rank_and_alpha_patterns(tiny, make_hf_model, tmp
     ranks = {f"backbone.layers.{i}.attn.q_proj": (4, 8) for i in range(2)}
     ranks.update({"backbone.layers.0.attn.v_proj": (2, 8), "backbone.layers.1.attn.v_proj": (6, 3)})
     apply_lora(model, LoraSettings(r=4, alpha=8, target_modules=["q_proj", "v_proj"]), ranks=ranks)
-    randomize_ours(model)
+    tiny.randomize_adapters(model)
     directory = save_peft_adapter(model, tmp_path / "a")
     config = json.loads((directory / "adapter_config.json").read_text())
     assert config["rank_pattern"] == {r"model\.layers\.0\.self_attn\.v_proj": 2, r"model\.layers\.1\.self_attn\.v_proj": 6}
@@ -228,7 +214,7 @@ def test_round_trip_through_our_own_files(tiny, make_hf_model, tmp_path, case, s
     _, path = make_hf_model(case)
     model = read_hf_model(path)
     apply_lora(model, settings)
-    randomize_ours(model)
+    tiny.randomize_adapters(model)
     directory = save_peft_adapter(model, tmp_path / "adapter")
     again = load_peft_adapter(read_hf_model(path), directory)
     ours, theirs = lora_state_dict(model), lora_state_dict(again)
