@@ -48,6 +48,30 @@ def test_generate_greedy_prints_the_continuation(tiny_llama_dir, capsys):
     assert "To be or not" not in printed  # only the continuation
 
 
+def test_dtype_auto_follows_the_checkpoint_and_the_cpu(tiny_llama_dir, tmp_path, monkeypatch):
+    """dtype "auto" (the default of generate and serve): bf16 for weights stored in 16 bits (HF torch_dtype, a GGUF
+    file type) where the CPU computes bf16, fp32 for fp32 checkpoints and on CPUs without bf16."""
+    from tunelab.export.gguf import export_gguf
+
+    load_module = sys.modules["tunelab.checkpoint.load"]  # the package's `load` attribute is the function
+
+    model, tokenizer = tunelab.load(tiny_llama_dir, dtype="auto")  # written by transformers in fp32
+    assert next(model.parameters()).dtype == torch.float32
+    bf16_dir = tunelab.save_pretrained(model, tokenizer, tmp_path / "bf16", dtype="bfloat16")
+    f16_gguf = export_gguf(model, tokenizer, tmp_path / "f16.gguf", quant="f16")
+    f32_gguf = export_gguf(model, tokenizer, tmp_path / "f32.gguf", quant="f32")
+    for native in (True, False):
+        monkeypatch.setattr(load_module, "cpu_computes_bf16", lambda: native)
+        low = torch.bfloat16 if native else torch.float32
+        cases = ((bf16_dir, low), (f16_gguf, low), (f32_gguf, torch.float32), (tiny_llama_dir, torch.float32))
+        for source, expected in cases:
+            assert next(tunelab.load(source, dtype="auto")[0].parameters()).dtype == expected, (source, native)
+    monkeypatch.setattr(load_module, "cpu_computes_bf16", lambda: True)
+    assert main(["generate", "--model", str(bf16_dir), "--prompt", "To be", "--max-new-tokens", "4"]) == 0
+    with pytest.raises(tunelab.errors.CheckpointError, match="use one of auto, float32"):
+        tunelab.load(bf16_dir, dtype="double")
+
+
 def test_generate_sampling_with_seed_repeats(tiny_llama_dir, capsys):
     args = ["generate", "-m", str(tiny_llama_dir), "-p", "KING:", "--max-new-tokens", "10", "--temperature", "1.0",
             "--top-p", "0.9", "--top-k", "50", "--seed", "3"]

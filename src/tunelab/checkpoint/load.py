@@ -11,6 +11,7 @@ from tunelab.checkpoint.hf import model_from_hf, read_hf_model, read_json, write
 from tunelab.checkpoint.registry import REGISTRY, resolve_registered
 from tunelab.errors import CheckpointError
 from tunelab.models.base import Model
+from tunelab.nn.precision import cpu_computes_bf16
 from tunelab.tokenizer.base import Tokenizer
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -21,8 +22,33 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in DTYPES:
-        raise CheckpointError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+        raise CheckpointError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]
+
+
+def auto_dtype(stored: torch.dtype | None) -> torch.dtype:
+    """dtype "auto", for inference: bf16 when the checkpoint's weights are stored in 16 bits or fewer (bf16, fp16,
+    a quantized GGUF) and this machine computes bf16 natively; fp32 otherwise (fp32 checkpoints stay exact,
+    and CPUs without bf16 instructions run bf16 slower than fp32). Decoding on bf16 weights takes the packed
+    oneDNN path (nn/packed.py)."""
+    if stored is None or stored == torch.float32 or stored == torch.float64:
+        return torch.float32
+    return torch.bfloat16 if cpu_computes_bf16() else torch.float32
+
+
+def _stored_dtype(hf_config: dict) -> torch.dtype | None:
+    """The weights' dtype an HF config.json names (torch_dtype, or "dtype" in newer transformers)."""
+    name = hf_config.get("torch_dtype") or hf_config.get("dtype")
+    return DTYPES.get(name) if isinstance(name, str) else None
+
+
+def _gguf_stored_dtype(metadata: dict) -> torch.dtype | None:
+    """fp32 for a GGUF file of fp32 tensors (general.file_type 0), bf16 standing for anything narrower (fp16,
+    bf16, quantized: file types 1 and up); None when the file does not say."""
+    file_type = metadata.get("general.file_type")
+    if not isinstance(file_type, int):
+        return None
+    return torch.float32 if file_type == 0 else torch.bfloat16
 
 
 def resolve_source(source: str | Path) -> Path:
@@ -54,15 +80,20 @@ def load(source: str | Path, *, dtype: str | torch.dtype | None = None) -> tuple
     >>> model, tokenizer = tunelab.load("smollm2-135m-instruct")
     """
     path = resolve_source(source)
-    torch_dtype = parse_dtype(dtype)
+    auto = dtype == "auto"
+    torch_dtype = None if auto else parse_dtype(dtype)
     if path.is_file():
         if not _is_gguf(path):
             raise CheckpointError(f"{path}: not a GGUF file and not a model directory")
         from tunelab.checkpoint.gguf import read_gguf
 
         checkpoint = read_gguf(path)
+        if auto:
+            torch_dtype = auto_dtype(_gguf_stored_dtype(checkpoint.metadata))
         model = model_from_hf(checkpoint.hf_config, checkpoint.state_dict, str(path), dtype=torch_dtype)
         return model, checkpoint.tokenizer()
+    if auto and (path / "config.json").is_file():
+        torch_dtype = auto_dtype(_stored_dtype(read_json(path / "config.json")))
     model = read_hf_model(path, dtype=torch_dtype)  # our own families too (checkpoint/native.py)
     _apply_generation_config(model, path)
     return model, _directory_tokenizer(path)

@@ -16,7 +16,9 @@ def add_parser(subparsers) -> None:
         "--model", "-m", required=True,
         help="registered name (see `tunelab models`), HF directory, GGUF file or a run directory",
     )
-    p.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16")
+    p.add_argument("--dtype", default="auto",
+                   help="auto (default: bfloat16 when the checkpoint is stored in 16 bits or fewer and this CPU "
+                        "computes bf16 natively, else float32), float32, bfloat16 or float16")
     p.add_argument("--prompt", "-p", required=True,
                    help="the prompt text ('-' reads standard input; for an encoder-decoder, one source per line)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn with the model's chat template")

@@ -18,7 +18,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--api-key", default=os.environ.get("TUNELAB_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1/ (default: $TUNELAB_API_KEY, else no key)")
     p.add_argument("--name", default=None, help="the model's name in the API (default: the name or file name)")
-    p.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16")
+    p.add_argument("--dtype", default="auto",
+                   help="auto (default: bfloat16 when the checkpoint is stored in 16 bits or fewer and this CPU "
+                        "computes bf16 natively, else float32), float32, bfloat16 or float16")
     p.add_argument("--max-tokens", type=int, default=1024, help="the most tokens one request may generate")
     p.add_argument("--max-input-tokens", type=int, default=None, help="the longest prompt or input, in tokens")
     p.add_argument("--max-concurrent", type=int, default=64,

@@ -27,47 +27,47 @@ def _onednn_available() -> bool:
         hasattr(ops, name) for name in ("_reorder_linear_weight", "_linear_pointwise"))
 
 
-def _applies(x: torch.Tensor, linears: tuple[nn.Linear, ...]) -> bool:
-    return (
-        not torch.is_grad_enabled()
-        and x.device.type == "cpu"
-        and x.dtype == torch.bfloat16
-        and all(type(layer) is nn.Linear and type(layer.weight.data) is torch.Tensor
-                and layer.weight.dtype == torch.bfloat16 for layer in linears)
-        and _onednn_available()
-    )
+def _packable(linears: tuple[nn.Linear, ...]) -> bool:
+    return all(type(layer) is nn.Linear and type(layer.weight.data) is torch.Tensor
+               and layer.weight.dtype == torch.bfloat16 for layer in linears) and _onednn_available()
 
 
 def _version(linears: tuple[nn.Linear, ...]) -> tuple:
+    """What a packed copy depends on: each weight's storage (moved or re-assigned weights get a new one) and
+    version counter (in-place updates), and each bias's."""
     return tuple((layer.weight.data_ptr(), layer.weight._version,
                   -1 if layer.bias is None else layer.bias._version) for layer in linears)
 
 
-def _packed(linears: tuple[nn.Linear, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(reordered weight [sum N_i, K], bias [sum N_i] or None), built once per weight version."""
-    owner = linears[0]
-    cache = owner.__dict__.setdefault("_tunelab_packed", {})
-    key = tuple(id(layer) for layer in linears)
-    version = _version(linears)
-    hit = cache.get(key)
-    if hit is None or hit[0] != version:
-        weight = torch.cat([layer.weight for layer in linears]) if len(linears) > 1 else owner.weight
-        bias = None
-        if any(layer.bias is not None for layer in linears):
-            bias = torch.cat([layer.bias if layer.bias is not None else weight.new_zeros(layer.out_features)
-                              for layer in linears])
-        hit = (version, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1), bias)
-        cache[key] = hit
-    return hit[1], hit[2]
+def _pack(linears: tuple[nn.Linear, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(reordered weight [sum N_i, K], bias [sum N_i] or None)."""
+    weight = torch.cat([layer.weight for layer in linears]) if len(linears) > 1 else linears[0].weight
+    bias = None
+    if any(layer.bias is not None for layer in linears):
+        bias = torch.cat([layer.bias if layer.bias is not None else weight.new_zeros(layer.out_features)
+                          for layer in linears])
+    # 8 rows as oneDNN's row-count hint: for 8 rows the o_proj-sized layout (576 x 576) is 1.9x faster than the
+    # one for 1 row, and 1 row runs as fast on it (bf16, one core, torch 2.13)
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 8), bias
 
 
 def packed_linear(x: torch.Tensor, *linears: nn.Linear) -> torch.Tensor | None:
     """x [..., K] through every layer of `linears` (all reading K features), their outputs side by side
-    [..., sum N_i]; None when the fast path does not apply (then call the layers as usual)."""
-    if not _applies(x, linears):
+    [..., sum N_i]; None when the fast path does not apply (then call the layers as usual).
+
+    A decoding step calls this some 120 times, so the common case (a packed copy of the current weights
+    exists) checks only the input and the weights' versions."""
+    if torch.is_grad_enabled() or x.dtype != torch.bfloat16 or x.device.type != "cpu":
         return None
-    weight, bias = _packed(linears)
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    cache = linears[0].__dict__.setdefault("_tunelab_packed", {})
+    key = tuple(map(id, linears))
+    version = _version(linears)
+    hit = cache.get(key)
+    if hit is None or hit[0] != version:
+        if not _packable(linears):
+            return None
+        hit = cache[key] = (version, *_pack(linears))
+    return torch.ops.mkldnn._linear_pointwise(x, hit[1], hit[2], "none", [], "")
 
 
 def linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:

@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tunelab.config.schema import TrainSection
+from tunelab.nn.precision import cpu_computes_bf16
 from tunelab.train.checkpointing import (
     TrainerState,
     list_checkpoints,
@@ -98,15 +99,7 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
         return torch.float16
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    return torch.bfloat16 if _cpu_has_native_bf16() else None
-
-
-def _cpu_has_native_bf16() -> bool:
-    check = getattr(torch.backends.mkldnn, "is_bf16_supported", None) or getattr(torch.cpu, "_is_avx512_bf16_supported", None)
-    try:
-        return bool(check()) if check else False
-    except Exception:
-        return False
+    return torch.bfloat16 if cpu_computes_bf16() else None
 
 
 def autocast_context(dtype: torch.dtype | None, device: torch.device):
