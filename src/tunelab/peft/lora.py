@@ -217,6 +217,30 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
+def cast_frozen_base(model: nn.Module, dtype: torch.dtype) -> int:
+    """The frozen base weights (and biases) of every adapted layer in `dtype`, the adapters unchanged; returns
+    the bytes freed.
+
+    For training under autocast to `dtype`: every matmul casts its fp32 weight to bf16 or fp16 anyway, so the
+    forward and backward passes compute the same numbers, while the base takes half the memory and no cast
+    copy of every weight is made each step. A layer called outside autocast casts the base to its input's
+    dtype (qlora.linear). NF4 bases (QLoRA) are left as they are, and so are DoRA's: its column norms
+    ||W + s B A|| are taken from the full-precision weight."""
+    freed = 0
+    for layer in lora_modules(model).values():
+        if layer.dora:
+            continue
+        for name in ("weight", "bias"):
+            tensor = getattr(layer, name)
+            if (tensor is None or tensor.requires_grad or qlora.is_nf4(tensor) or tensor.dtype == dtype
+                    or not tensor.is_floating_point()):
+                continue
+            low = tensor.detach().to(dtype)
+            freed += tensor.numel() * tensor.element_size() - low.numel() * low.element_size()
+            setattr(layer, name, nn.Parameter(low, requires_grad=False))
+    return freed
+
+
 def _linear_modules(model: nn.Module, exclude: list[str]) -> dict[str, nn.Linear]:
     """nn.Linear modules by path, outside the subtrees in `exclude`."""
     return {

@@ -84,10 +84,14 @@ def dequantize(weight: torch.Tensor, dtype: torch.dtype | None = None) -> torch.
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x W^T + b, dequantising an NF4 weight to x's dtype inside the matmul (no dense copy kept for backward)."""
+    """x W^T + b, dequantising an NF4 weight to x's dtype inside the matmul (no dense copy kept for backward).
+    A bf16 base (lora.cast_frozen_base) called outside autocast with fp32 inputs is cast to them."""
     if is_nf4(weight):
         out = _nf4_module().linear_nf4(x, weight)
         return out if bias is None else out + bias
+    if weight.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+        weight = weight.to(x.dtype)
+        bias = bias.to(x.dtype) if bias is not None else None
     return F.linear(x, weight, bias)
 
 

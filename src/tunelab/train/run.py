@@ -746,7 +746,7 @@ def _train(config: TrainConfig, context, *, resume: bool, show_progress: bool, l
     from tunelab.data.samplers import LengthGroupedSampler, RandomBatchSampler
     from tunelab.train.distributed import wrap_model
     from tunelab.train.tasks import make_step
-    from tunelab.train.trainer import Batches, Trainer
+    from tunelab.train.trainer import Batches, Trainer, resolve_precision
 
     run_dir = Path(config.output_dir)
     main = context.is_main
@@ -768,6 +768,14 @@ def _train(config: TrainConfig, context, *, resume: bool, show_progress: bool, l
     model, tokenizer = prepare_model(config, data.labels, tokenizer)
     if context.device is not None:
         model.to(context.device)
+    low = resolve_precision(config.train.precision, next(model.parameters()).device)
+    if config.method.type == "lora" and low is not None and context.mode != "fsdp":
+        from tunelab.peft.lora import cast_frozen_base  # FSDP2 wants one dtype for the parameters it shards
+
+        freed = cast_frozen_base(model, low)
+        if freed:
+            log(f"frozen base weights in {str(low).removeprefix('torch.')} (autocast computes in it anyway): "
+                f"{freed / 2**20:.0f} MiB freed")
     if not data.train.features:
         where = config.data.train if config.data.feedback is None else feedback_data_files(config)[0]
         raise DataError(f"{where}: no training rows after encoding ({data.train.summary()})")

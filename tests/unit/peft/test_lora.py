@@ -328,3 +328,45 @@ def test_tied_weights_are_refused(tiny):
     model = tiny_llama(tiny, tie=True)
     with pytest.raises(ValueError, match="tied"):
         apply_lora(model, LoraSettings(target_modules=[r"heads\.lm\.proj"]))
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_a_bf16_frozen_base_trains_like_the_fp32_one_under_autocast(tiny, family):
+    """cast_frozen_base: under bf16 autocast the loss and every adapter gradient are the same as with the fp32
+    base (autocast casts the weights to bf16 either way); outside autocast the layers still run (in fp32).
+    DoRA layers keep their fp32 base (their column norms need it)."""
+    from tunelab.peft.lora import cast_frozen_base
+
+    models = []
+    for _ in range(2):
+        model = tiny_llama(tiny) if family == "llama" else tiny_bert(tiny)
+        apply_lora(model, LoraSettings(r=4, alpha=8, target_modules="all-linear"))
+        randomize_adapters(model)
+        models.append(model.eval())  # no dropout: the two passes must draw nothing at random
+    fp32, low = models
+    low.load_state_dict(fp32.state_dict())  # the same adapters (A is drawn at random)
+    freed = cast_frozen_base(low, torch.bfloat16)
+    adapted = lora_modules(low).values()
+    assert freed == sum(m.weight.numel() * 2 + (m.bias.numel() * 2 if m.bias is not None else 0) for m in adapted)
+    assert {m.weight.dtype for m in adapted} == {torch.bfloat16}
+    assert {p.dtype for p in low.parameters() if p.requires_grad} == {torch.float32}  # the adapters stay fp32
+    ids = tiny.random_ids(2, tiny.SEQ, seed=3)
+    grads = []
+    for model in (fp32, low):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = next(iter(model(ids).logits.values()))
+        loss = out.float().square().mean()
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    assert torch.equal(grads[0][0], grads[1][0])
+    assert grads[0][1].keys() == grads[1][1].keys()
+    for name, grad in grads[0][1].items():
+        assert torch.equal(grad, grads[1][1][name]), name
+    assert cast_frozen_base(low, torch.bfloat16) == 0  # already cast
+    with torch.no_grad():  # fp32 activations, no autocast: the base is cast to them
+        reference = logits(fp32, ids)
+        assert tiny.max_diff(logits(low, ids), reference) <= 0.05 * float(reference.abs().max())
+    dora = tiny_llama(tiny)
+    apply_lora(dora, LoraSettings(r=4, alpha=8, dora=True, target_modules="all-linear"))
+    assert cast_frozen_base(dora, torch.bfloat16) == 0
+    assert {m.weight.dtype for m in lora_modules(dora).values()} == {torch.float32}
