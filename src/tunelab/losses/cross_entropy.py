@@ -136,6 +136,56 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return d_rows, d_weight, None, None, None, None
 
 
+def linear_token_logps(rows: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+                       chunk_size: int = 1024) -> torch.Tensor:
+    """log softmax(W h_n)[y_n] for each row n [N], over rows [N, D], a frozen weight [V, D] and targets [N],
+    without keeping any logits (the sequence log-probabilities of DPO and its relatives under LoRA, whose LM
+    head is frozen).
+
+    Each chunk's z = h W^T is computed once, in the autocast dtype when autocast is on (as F.linear would),
+    and log p_y = z_y - logsumexp(z) in fp32. The gradient of log p_y with respect to h_n is
+    W^T (onehot(y_n) - softmax(z_n)), which does not depend on what comes after, so it is formed in the
+    forward pass and the backward pass only scales each row by its incoming gradient. The weight gets no
+    gradient: a trainable head goes through sequence_logps's checkpointed chunks instead."""
+    if weight.requires_grad and torch.is_grad_enabled():
+        raise ValueError("linear_token_logps needs a frozen weight (it forms no weight gradient)")
+    return _LinearTokenLogps.apply(rows, weight, targets, chunk_size, torch.is_grad_enabled() and rows.requires_grad)
+
+
+class _LinearTokenLogps(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, rows, weight, targets, chunk_size, need_rows):
+        device_type = rows.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else rows.dtype
+        acc = torch.promote_types(dtype, torch.float32)
+        with torch.autocast(device_type, enabled=False):
+            w = weight.to(dtype)  # [V, D]
+            h_all = rows.to(dtype)  # [N, D]
+            logps = torch.empty(h_all.shape[0], dtype=acc, device=rows.device)
+            grad_rows = torch.empty_like(h_all) if need_rows else None
+            for start in range(0, h_all.shape[0], chunk_size):
+                h, y = h_all[start: start + chunk_size], targets[start: start + chunk_size]
+                z = (h @ w.t()).to(acc)  # [c, V]
+                lse = torch.logsumexp(z, dim=-1)  # [c]
+                logps[start: start + chunk_size] = z.gather(1, y[:, None]).squeeze(1) - lse
+                if need_rows:
+                    z.sub_(lse[:, None]).exp_().neg_()  # -softmax, in place
+                    z[torch.arange(y.shape[0], device=y.device), y] += 1.0  # d log p_y / d z
+                    grad_rows[start: start + chunk_size] = z.to(dtype) @ w
+        ctx.save_for_backward(grad_rows)
+        ctx.rows_dtype = rows.dtype
+        return logps
+
+    @staticmethod
+    def backward(ctx, grad_logps):
+        (grad_rows,) = ctx.saved_tensors
+        d_rows = None
+        if grad_rows is not None:
+            scale = grad_logps[:, None]  # fp32: each row's incoming gradient, applied at full precision
+            d_rows = (grad_rows.to(torch.promote_types(grad_rows.dtype, scale.dtype)) * scale).to(ctx.rows_dtype)
+        return d_rows, None, None, None, None
+
+
 def chunked_token_lm_loss(
     hidden: torch.Tensor,
     labels: torch.Tensor,

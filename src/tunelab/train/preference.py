@@ -28,7 +28,7 @@ from tunelab.data.encoded import IGNORE_INDEX
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.evaluate import metrics as M
 from tunelab.losses import bradley_terry_loss, dpo_loss, ipo_loss, kto_loss, orpo_loss, sequence_logps, simpo_loss
-from tunelab.train.tasks import MetricWindow
+from tunelab.train.tasks import MetricWindow, lm_projection
 
 REFERENCE_FILE = "reference_logps.safetensors"
 PREFERENCE_LOSSES = ("dpo", "cdpo", "ipo", "simpo", "orpo")
@@ -77,7 +77,7 @@ class _SequenceScorer:
     def row_logps(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(summed log-probabilities of each row's labelled tokens [R], their counts [R])."""
         out = model(batch["input_ids"], batch["attention_mask"], heads=())
-        return sequence_logps(out.hidden, batch["labels"], model.heads[self.head])
+        return sequence_logps(out.hidden, batch["labels"], lm_projection(model.heads[self.head]))
 
     def batch_logps(self, model, batch: dict) -> dict[str, torch.Tensor]:
         """{row kind: log-probabilities [B]} of a collated batch of B features."""

@@ -72,3 +72,46 @@ def test_chunked_losses_take_the_fused_path_for_a_linear_head_and_the_same_value
     assert abs(composed.item() - expected.item()) < 1e-6 * expected.item()  # that path scores in fp32
     rows, targets = hidden[:, :-1][keep], labels[:, 1:][keep]
     assert abs(chunked_cross_entropy(rows, targets, head, chunk_size=4).item() - expected.item()) < 1e-10
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float64, 1e-12), (torch.float32, 2e-6)])
+def test_linear_token_logps_equal_the_full_log_softmax_and_its_gradient(dtype, tolerance):
+    from tunelab.losses.cross_entropy import linear_token_logps
+
+    torch.manual_seed(0)
+    rows = torch.randn(2500, 32, dtype=dtype, requires_grad=True)  # 3 chunks of 1,024, the last one short
+    head = torch.nn.Linear(32, 500, bias=False).to(dtype).requires_grad_(False)
+    targets = torch.randint(0, 500, (2500,))
+    weights = torch.randn(2500, dtype=dtype)  # a different incoming gradient for every row, as DPO's
+    expected = F.log_softmax(head(rows), dim=-1).gather(1, targets[:, None]).squeeze(1)
+    (want,) = torch.autograd.grad((expected * weights).sum(), (rows,))
+    got = linear_token_logps(rows, head.weight, targets, chunk_size=1024)
+    (grad,) = torch.autograd.grad((got * weights).sum(), (rows,))
+    assert got.dtype == dtype and grad.dtype == dtype
+    assert (got - expected).abs().max().item() <= tolerance * expected.abs().max().item()
+    assert (grad - want).abs().max().item() <= tolerance * want.abs().max().item()
+    with pytest.raises(ValueError, match="frozen weight"):
+        linear_token_logps(rows, head.weight.clone().requires_grad_(), targets)
+
+
+def test_sequence_logps_through_a_frozen_linear_head_equal_any_head():
+    """The fused path (a frozen nn.Linear) and the generic one (any callable head) give the same sums and
+    gradients, under bf16 autocast too."""
+    from tunelab.losses.preference import sequence_logps
+
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 20, 16, requires_grad=True)
+    head = torch.nn.Linear(16, 40, bias=False).requires_grad_(False)
+    labels = torch.randint(0, 40, (3, 20))
+    labels[:, :7] = -100  # the prompt
+    labels[2, 15:] = -100  # padding
+    for autocast, tolerance in ((False, 1e-6), (True, 2e-2)):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            fused, counts = sequence_logps(hidden, labels, head, chunk_size=16)
+            generic, generic_counts = sequence_logps(hidden, labels, lambda h: head(h), chunk_size=16)
+        assert torch.equal(counts, generic_counts) and counts.tolist() == [13, 13, 8]
+        assert fused.dtype == torch.float32
+        torch.testing.assert_close(fused, generic, rtol=tolerance, atol=tolerance)
+        g1, g2 = (torch.autograd.grad((s * torch.tensor([1.0, -2.0, 0.5])).sum(), (hidden,))[0]
+                  for s in (fused, generic))
+        assert (g1 - g2).abs().max().item() <= tolerance * g2.abs().max().item()

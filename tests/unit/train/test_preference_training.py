@@ -59,6 +59,7 @@ def quiet(config: TrainConfig, **kw) -> dict:
 
 def test_adapters_off_gives_the_base_models_log_probs_exactly(chat_llama, short_pairs):
     base, tokenizer = tunelab.load(chat_llama)
+    base.requires_grad_(False)  # frozen like the adapted model's base: the LM head takes the same (fused) path
     adapted, _ = tunelab.load(chat_llama)
     apply_lora(adapted, LoraSettings(r=4, alpha=8, target_modules=["all-linear"]))
     torch.manual_seed(1)
