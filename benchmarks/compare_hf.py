@@ -25,6 +25,8 @@ job's tokens (each training example's full length, as the HF side tokenizes it, 
 end-to-end wall time; "train tok/s" is over the training loop alone. Peak memory is the process's maximum
 resident set. The final validation loss of both sides is printed: the speed counts only when they agree. For
 `generate`, both sides' greedy tokens are compared instead. The ratio column is tunelab over the best peer.
+Side tunelab-gc (jobs sft, dpo, full) is tunelab with train.gradient_checkpointing: its ratios are gc_speed
+and gc_memory (the memory a job saves, and what it costs in speed).
 Job `full` also prints model FLOP utilisation: 6 x parameters x train tok/s over the bf16 torch.mm peak that
 this script measures first.
 
@@ -51,9 +53,9 @@ CACHE = ROOT / ".bench" / "compare"
 
 SIDES = {
     "classify": ["tunelab", "hf-fp32", "hf-bf16"],
-    "sft": ["tunelab", "hf-peft", "trl-sft", "trl-sft-packed"],
-    "dpo": ["tunelab", "trl-dpo"],
-    "full": ["tunelab", "hf-fp32", "hf-bf16"],
+    "sft": ["tunelab", "tunelab-gc", "hf-peft", "trl-sft", "trl-sft-packed"],
+    "dpo": ["tunelab", "tunelab-gc", "trl-dpo"],
+    "full": ["tunelab", "tunelab-gc", "hf-fp32", "hf-bf16"],
     "generate": ["tunelab", "hf-fp32", "hf-bf16"],
 }
 TARGETS = {"classify": 2.0, "sft": 2.0, "dpo": 2.0, "full": 1.5, "generate": 2.0}  # tokens/s ratio
@@ -416,10 +418,13 @@ def run_side(job: str, side: str, folder: Path, work: Path) -> dict:
     out = work / f"{job}-{side}"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    if side == "tunelab" and job != "generate":
+    ours = side.startswith("tunelab") and job != "generate"
+    if ours:
         import yaml
 
-        (out / "config.yaml").write_text(yaml.safe_dump(tunelab_config(job, folder, out / "run")))
+        config = tunelab_config(job, folder, out / "run")
+        config["train"]["gradient_checkpointing"] = side == "tunelab-gc"
+        (out / "config.yaml").write_text(yaml.safe_dump(config))
         cmd = [sys.executable, "-m", "tunelab", "train", str(out / "config.yaml"), "--no-progress"]
     else:
         cmd = [sys.executable, __file__, "--worker", job, side, "--folder", str(folder), "--out", str(out)]
@@ -431,7 +436,7 @@ def run_side(job: str, side: str, folder: Path, work: Path) -> dict:
     if status != 0:
         raise SystemExit(f"{job} / {side} failed; the last lines of {out / 'log.txt'}:\n"
                          f"{(out / 'log.txt').read_text()[-3000:]}")
-    figures = tunelab_result(out / "run") if side == "tunelab" and job != "generate" else \
+    figures = tunelab_result(out / "run") if ours else \
         json.loads((out / "result.json").read_text())
     return {"job": job, "side": side, "seconds": seconds, "peak_mb": usage.ru_maxrss / 1024, **figures}
 
@@ -496,7 +501,7 @@ def print_table(rows: list[dict]) -> None:
 def ratios(job: str, rows: list[dict], runs: list[dict]) -> dict:
     """tunelab over the best peer: tokens/s (and, for generate, each batch size), peak memory; the agreement."""
     mine = next((r for r in rows if r["side"] == "tunelab"), None)
-    peers = [r for r in rows if r["side"] != "tunelab"]
+    peers = [r for r in rows if not r["side"].startswith("tunelab")]
     if mine is None or not peers:
         return {}
     if job == "generate":
@@ -511,9 +516,14 @@ def ratios(job: str, rows: list[dict], runs: list[dict]) -> dict:
         out["speed"] = min(out["batch1"], out["batch8"])
         return out
     best = max(peers, key=lambda p: p["tokens_per_second"])
-    return {"peer": best["side"], "speed": mine["tokens_per_second"] / best["tokens_per_second"],
-            "train_speed": mine.get("train_tokens_per_second", 0) / best.get("train_tokens_per_second", 1),
-            "memory": mine["peak_mb"] / best["peak_mb"], "val_loss": (mine["val_loss"], best["val_loss"])}
+    out = {"peer": best["side"], "speed": mine["tokens_per_second"] / best["tokens_per_second"],
+           "train_speed": mine.get("train_tokens_per_second", 0) / best.get("train_tokens_per_second", 1),
+           "memory": mine["peak_mb"] / best["peak_mb"], "val_loss": (mine["val_loss"], best["val_loss"])}
+    gc = next((r for r in rows if r["side"] == "tunelab-gc"), None)
+    if gc is not None:  # the same job with train.gradient_checkpointing
+        out.update({"gc_speed": gc["tokens_per_second"] / best["tokens_per_second"],
+                    "gc_memory": gc["peak_mb"] / best["peak_mb"], "gc_val_loss": gc["val_loss"]})
+    return out
 
 
 def versions() -> dict:

@@ -383,6 +383,29 @@ def test_causal_lm_tinyshakespeare_packed(tiny_llama_dir, tmp_path, capsys):
     assert_same_metrics(metrics, final, ["loss", "perplexity"])
 
 
+def test_gradient_checkpointing_trains_to_the_same_losses(tiny_llama_dir, tmp_path, capsys):
+    """train.gradient_checkpointing recomputes each block in the backward pass: the same training losses."""
+    losses = []
+    for checkpointing in (False, True):
+        config = {
+            "output_dir": str(tmp_path / f"run-{checkpointing}"),
+            "model": {"source": str(tiny_llama_dir)},
+            "task": {"type": "causal_lm"},
+            "data": {"train": str(SHAKESPEARE), "max_length": 32, "max_train_examples": 16,
+                     "max_validation_examples": 4},
+            "train": {"max_steps": 4, "batch_size": 4, "lr": 3e-3, "precision": "fp32", "logging_steps": 1,
+                      "gradient_checkpointing": checkpointing},
+        }
+        code, out, err = cli(capsys, "train", str(write_config(tmp_path / "config.yaml", config)), "--no-progress")
+        assert code == 0, err
+        assert ("gradient checkpointing: 2 blocks recomputed" in out + err) == checkpointing
+        run = Path(config["output_dir"])
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        losses.append([r["loss"] for r in records if r.get("split") == "train"])
+    assert len(losses[0]) == 4
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5, abs=1e-6)
+
+
 def tiny_vocab_size(model_dir: Path) -> int:
     return json.loads((model_dir / "config.json").read_text())["vocab_size"]
 

@@ -448,6 +448,9 @@ class TrainSection(Section):
     group_by_length: bool = True
     fused_optimizer: bool = Field(True, description="AdamW's fused kernel where the parameters allow it (plain "
                                   "tensors on a CPU or GPU); false: the multi-tensor path")
+    gradient_checkpointing: bool = Field(False, description="keep only each Transformer block's input for "
+                                         "backward and recompute the block: less activation memory, about a "
+                                         "third more compute")
     eval_batch_size: int | None = Field(None, ge=1)
     num_threads: int | None = Field(None, ge=1, description="CPU threads (default: all cores)")
     distributed: Literal["auto", "ddp", "fsdp"] = Field(

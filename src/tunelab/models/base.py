@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Iterable
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from tunelab.nn.attention import build_attention_mask
@@ -178,6 +179,36 @@ class Model(nn.Module):
             seen.add(id(p))
             total += p.numel()
         return total
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> int:
+        """Activation (gradient) checkpointing of every Transformer block (each child of a ModuleList named
+        *layers): while training with autograd, a block keeps only its inputs and runs its forward again in the
+        backward pass (torch.utils.checkpoint, non-reentrant; dropout draws the same masks again). The blocks
+        keep their names and weights. Returns the blocks changed; recurrent layers are left as they are."""
+        changed = 0
+        for name, module in self.named_modules():
+            if not (isinstance(module, nn.ModuleList) and name.rsplit(".", 1)[-1].endswith("layers")):
+                continue
+            for block in module:
+                if isinstance(block, nn.RNNBase):
+                    continue
+                block.__dict__.pop("forward", None)  # back to the class's forward
+                if enabled:
+                    block.forward = _checkpointed(block)
+                changed += 1
+        return changed
+
+
+def _checkpointed(block: nn.Module):
+    """`block`'s forward, checkpointed while training with autograd (plain otherwise: evaluation, decoding)."""
+    plain = type(block).forward.__get__(block)
+
+    def forward(*args, **kwargs):
+        if block.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(plain, *args, use_reentrant=False, **kwargs)
+        return plain(*args, **kwargs)
+
+    return forward
 
 
 def decoder_attention_mask(

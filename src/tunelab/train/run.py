@@ -768,6 +768,8 @@ def _train(config: TrainConfig, context, *, resume: bool, show_progress: bool, l
     model, tokenizer = prepare_model(config, data.labels, tokenizer)
     if context.device is not None:
         model.to(context.device)
+    if config.train.gradient_checkpointing:
+        log(f"gradient checkpointing: {model.set_gradient_checkpointing(True)} blocks recomputed in backward")
     low = resolve_precision(config.train.precision, next(model.parameters()).device)
     if config.method.type == "lora" and low is not None and context.mode != "fsdp":
         from tunelab.peft.lora import cast_frozen_base  # FSDP2 wants one dtype for the parameters it shards
