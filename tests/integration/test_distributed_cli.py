@@ -127,17 +127,53 @@ def test_lora_ddp_run_resumes_in_one_process(chat_llama, tmp_path, capsys):
                                  resumed / "adapter" / "adapter_model.safetensors") < 1e-4
 
 
-def test_qlora_ddp_matches_one_process(chat_llama, tmp_path):
+def qlora_config(model_dir: Path, out: Path, **train) -> dict:
+    config = chat_config(model_dir, out, **train)
+    config["method"] = {"type": "qlora", "lora": {"r": 4, "target_modules": ["q_proj", "v_proj"]}}
+    return config
+
+
+@pytest.fixture(scope="module")
+def qlora_one_process_run(chat_llama, tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("qlora-one-process")
+    torch.set_num_threads(1)
+    one_process("train", str(write(directory / "one.yaml", qlora_config(chat_llama, directory / "one"))))
+    return directory / "one"
+
+
+def test_qlora_ddp_matches_one_process(chat_llama, qlora_one_process_run, tmp_path):
     """QLoRA (an NF4 base, LoRA adapters in fp32) under DDP: the same losses as one process."""
-    runs = {}
-    for name, launch in (("one", one_process), ("two", torchrun)):
-        config = chat_config(chat_llama, tmp_path / name, distributed="ddp" if name == "two" else "auto")
-        config["method"] = {"type": "qlora", "lora": {"r": 4, "target_modules": ["q_proj", "v_proj"]}}
-        launch("train", str(write(tmp_path / f"{name}.yaml", config)))
-        runs[name] = tmp_path / name
-    difference = max_loss_difference(runs["one"], runs["two"])
+    torchrun("train", str(write(tmp_path / "two.yaml", qlora_config(chat_llama, tmp_path / "two", distributed="ddp"))))
+    difference = max_loss_difference(qlora_one_process_run, tmp_path / "two")
     print(f"\nQLoRA DDP, 2 processes against 1: max train loss difference {difference:.2e}")
     assert difference < TOLERANCE
+
+
+def test_qlora_fsdp_matches_one_process_and_its_adapter_checkpoint_resumes_in_one(chat_llama, qlora_one_process_run,
+                                                                                  tmp_path, capsys):
+    """QLoRA under FSDP2: the NF4 base weights stay whole on each process (ignored_params), the adapters are
+    sharded; the same losses as one process, and a checkpoint of full adapter tensors that one process resumes."""
+    config = qlora_config(chat_llama, tmp_path / "fsdp", save_steps=3, distributed="fsdp")
+    done = torchrun("train", str(write(tmp_path / "fsdp.yaml", config)))
+    assert "distributed: fsdp over 2 processes" in done.stdout + done.stderr
+    two = max_loss_difference(qlora_one_process_run, tmp_path / "fsdp")
+    assert two < TOLERANCE
+    weights = load_file(str(tmp_path / "fsdp" / "checkpoint-3" / "model.safetensors"))
+    assert weights and all("lora_" in name for name in weights)  # the trained adapters only, no NF4 base
+    assert weights["backbone.layers.0.attn.q_proj.lora_a.weight"].shape == (4, 48)  # whole, not a shard
+    final = tmp_path / "fsdp" / "adapter" / "adapter_model.safetensors"
+    assert max_weight_difference(qlora_one_process_run / "adapter" / "adapter_model.safetensors", final) < 1e-4
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "fsdp", resumed, ignore=shutil.ignore_patterns("adapter", "metrics.json", "report.md",
+                                                                             "plots"))
+    (resumed / "config.yaml").write_text((resumed / "config.yaml").read_text().replace(str(tmp_path / "fsdp"), str(resumed)))
+    one_process("train", "--resume", str(resumed))
+    assert "resumed from step 3" in capsys.readouterr().out
+    resumed_in_one = max_loss_difference(tmp_path / "fsdp", resumed)
+    print(f"\nQLoRA FSDP2, 2 processes against 1: max train loss difference {two:.2e}; "
+          f"resumed at step 3 by 1 process: {resumed_in_one:.2e}")
+    assert resumed_in_one < TOLERANCE
+    assert max_weight_difference(final, resumed / "adapter" / "adapter_model.safetensors") < 1e-4
 
 
 def test_fsdp_matches_one_process_and_its_sharded_state_reloads(chat_llama, one_process_run, tmp_path):

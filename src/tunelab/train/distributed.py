@@ -90,14 +90,14 @@ def resolve_mode(setting: str, world_size: int) -> str:
     return "ddp" if setting == "auto" else setting
 
 
-def setup_distributed(settings, *, method: str = "full", task: str = "") -> DistributedContext:
+def setup_distributed(settings, *, task: str = "") -> DistributedContext:
     """Join torchrun's process group (gloo on CPU, nccl on CUDA, one GPU per LOCAL_RANK) as train.distributed
     says; a plain one-process context without torchrun. Checks the global batch divides over the processes."""
     world_size = launched_world_size()
     mode = resolve_mode(settings.distributed, world_size)
     if mode == "none":
         return DistributedContext()
-    check_distributed_config(settings, world_size, mode=mode, method=method, task=task)
+    check_distributed_config(settings, world_size, mode=mode, task=task)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
@@ -110,14 +110,11 @@ def setup_distributed(settings, *, method: str = "full", task: str = "") -> Dist
     return DistributedContext(mode, rank, local_rank, world_size, device)
 
 
-def check_distributed_config(settings, world_size: int, *, mode: str, method: str, task: str) -> None:
+def check_distributed_config(settings, world_size: int, *, mode: str, task: str) -> None:
     """One clear line for a config that cannot train on `world_size` processes."""
     if settings.batch_size % world_size:
         raise ConfigError(f"train.batch_size {settings.batch_size} (the global batch) does not divide over "
                           f"{world_size} processes (WORLD_SIZE); choose a multiple of {world_size}")
-    if mode == "fsdp" and method == "qlora":
-        raise ConfigError("method qlora trains with train.distributed: ddp (torchao's NF4 base weights are not "
-                          "sharded by FSDP2); set train.distributed=ddp")
     if mode == "fsdp" and task == "grpo":
         raise ConfigError("task grpo samples completions of different lengths on each process, which FSDP2's "
                           "collective forward passes cannot follow; set train.distributed=ddp")
@@ -178,6 +175,10 @@ def wrap_model(model: torch.nn.Module, context: DistributedContext) -> torch.nn.
     block (each child of a ModuleList named *layers) and then to the whole model; the model itself with one
     process. FSDP2 changes `model` in place (its parameters become DTensor shards).
 
+    QLoRA's frozen NF4 base weights (torchao's tensor subclass, which FSDP2 cannot shard) are FSDP2's
+    ignored_params: each process keeps them whole, as it would under DDP (at 4 bits a weight they take an
+    eighth of the memory of the fp32 weights); the LoRA adapters and every other parameter are sharded.
+
     The layers of a recurrent model (torch's nn.RNN / LSTM / GRU) are sharded with the whole model, not one by
     one: weight dropout runs a layer through torch.func.functional_call with a dropped-out copy of W_hh, which
     a layer's own FSDP2 pre-forward hook would replace by the gathered weight."""
@@ -193,12 +194,15 @@ def wrap_model(model: torch.nn.Module, context: DistributedContext) -> torch.nn.
         return ModelDDP(model, device_ids=device_ids, init_sync=False)
     from torch.distributed.fsdp import fully_shard
 
+    from tunelab.peft.qlora import is_nf4
+
+    whole = {param for param in model.parameters() if is_nf4(param)} or None
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.ModuleList) and name.rsplit(".", 1)[-1].endswith("layers"):
             for block in module:
                 if not isinstance(block, torch.nn.RNNBase):
-                    fully_shard(block)
-    fully_shard(model)
+                    fully_shard(block, ignored_params=whole)
+    fully_shard(model, ignored_params=whole)
     return model
 
 

@@ -57,14 +57,12 @@ def test_auto_is_ddp_under_torchrun_and_nothing_in_one_process():
 
 def test_config_errors_name_the_key_and_the_world_size():
     with pytest.raises(ConfigError, match=r"train.batch_size 6 \(the global batch\) does not divide over 4 processes"):
-        check_distributed_config(TrainSection(batch_size=6), 4, mode="ddp", method="full", task="chat")
-    check_distributed_config(TrainSection(batch_size=8), 4, mode="ddp", method="qlora", task="chat")
-    with pytest.raises(ConfigError, match="method qlora trains with train.distributed: ddp"):
-        check_distributed_config(TrainSection(batch_size=8), 4, mode="fsdp", method="qlora", task="chat")
+        check_distributed_config(TrainSection(batch_size=6), 4, mode="ddp", task="chat")
+    check_distributed_config(TrainSection(batch_size=8), 4, mode="fsdp", task="chat")
     for mode in ("ddp", "fsdp"):  # a recurrent LM's streams are the rows of the global batch
-        check_distributed_config(TrainSection(batch_size=8), 4, mode=mode, method="full", task="recurrent_lm")
+        check_distributed_config(TrainSection(batch_size=8), 4, mode=mode, task="recurrent_lm")
         with pytest.raises(ConfigError, match=r"train.batch_size 6 \(the global batch\) does not divide over 4"):
-            check_distributed_config(TrainSection(batch_size=6), 4, mode=mode, method="full", task="recurrent_lm")
+            check_distributed_config(TrainSection(batch_size=6), 4, mode=mode, task="recurrent_lm")
     with pytest.raises(ValueError, match="distributed"):
         TrainSection(distributed="deepspeed")
 
