@@ -56,9 +56,13 @@ def one_process(*argv: str) -> None:
 
 
 def torchrun(*argv: str, nproc: int = 2) -> subprocess.CompletedProcess:
+    return launch(["-m", "tunelab", *argv, "--no-progress"], nproc)
+
+
+def launch(target: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
+    """torchrun `target` (-m module ... or a script) on `nproc` CPU processes; asserts that every one succeeded."""
     env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "tunelab", *argv, "--no-progress"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *target]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     return done
@@ -224,31 +228,162 @@ def test_dpo_with_lora_matches_one_process(chat_llama, tmp_path, capsys):
     assert difference < TOLERANCE
 
 
-def test_grpo_trains_with_ddp(chat_llama, tmp_path):
-    """Online GRPO: each process samples the completions of its share of the prompts (no equality with one
-    process: the samples differ); evaluation, samples.jsonl and the model come from rank 0."""
+# ---------------------------------------------------------------------------------------------- decoding under FSDP2
+
+FULL_PARAMETERS = '''"""2 FSDP2 processes decode different numbers of tokens inside full_parameters; then train on."""
+import datetime
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+from tunelab.generate.decode import GenerationSettings
+from tunelab.models.llama import LlamaConfig
+from tunelab.models.registry import build_model
+from tunelab.train.distributed import DistributedContext, full_parameters, wrap_model
+from tunelab.train.grpo import sample_completions
+
+dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))  # a mismatched collective fails, not hangs
+rank = dist.get_rank()
+torch.manual_seed(0)
+config = LlamaConfig(vocab_size=64, hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32)
+plain = build_model(config, heads=("lm",))
+model = build_model(config, heads=("lm",))
+model.load_state_dict(plain.state_dict())
+wrap_model(model, DistributedContext("fsdp", rank, rank, 2, torch.device("cpu")))
+whole = dict(plain.named_parameters())
+shards = {name: param.to_local().clone() for name, param in model.named_parameters()}
+block, root = model.backbone.layers[0].attn.q_proj.weight, model.backbone.tok_embeddings.weight
+
+
+def decode(tokens: int, prompts=((1, 2, 3), (4, 5))):
+    """`tokens` new tokens of each prompt (no end token): as many forward passes."""
+    settings = GenerationSettings(max_new_tokens=tokens, temperature=1.0, seed=rank)
+    completions, _ = sample_completions(model.eval(), [list(p) for p in prompts], settings, set())
+    expected, _ = sample_completions(plain.eval(), [list(p) for p in prompts], settings, set())
+    assert completions == expected and all(len(c) == tokens for c in completions)
+
+
+def train_step():
+    """The sharded model's loss and gradients equal the plain model's (both processes see the same batch)."""
+    ids = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
+    loss = model.train()(ids, torch.ones_like(ids), heads=("lm",)).logits["lm"].square().mean()
+    # after forward, as wrap_model set FSDP2 up: a block's parameters are sharded again, the root's kept whole
+    assert isinstance(model.backbone.layers[0].attn.q_proj.weight, DTensor)
+    assert not isinstance(model.backbone.tok_embeddings.weight, DTensor)
+    loss.backward()
+    expected = plain.train()(ids, torch.ones_like(ids), heads=("lm",)).logits["lm"].square().mean()
+    expected.backward()
+    assert torch.allclose(loss, expected, rtol=1e-6)
+    for name, param in model.named_parameters():
+        assert torch.allclose(param.grad.full_tensor(), whole[name].grad, rtol=1e-5, atol=1e-7), name
+        param.grad, whole[name].grad = None, None
+
+
+for round in range(2):  # before the first forward pass (GRPO's first rollout), and after training
+    with full_parameters(model):
+        for name, param in model.named_parameters():  # whole tensors, equal to the plain model's
+            assert not isinstance(param, DTensor) and torch.equal(param, whole[name]), name
+        decode(3 + 6 * rank)  # rank 0: 3 forward passes, rank 1: 9
+        if rank == 0:  # rank 0 alone decodes (train.sample_prompts, GRPO's evaluation)
+            decode(5, prompts=[(7,)])
+    for name, param in model.named_parameters():  # back to the same shards
+        assert isinstance(param, DTensor) and torch.equal(param.to_local(), shards[name]), name
+    train_step()
+dist.barrier()
+print(f"rank {rank}: decoded and trained")
+'''
+
+
+def test_full_parameters_lets_each_process_decode_its_own_number_of_tokens(tmp_path):
+    """Inside train.distributed.full_parameters an FSDP2 model's forward passes make no collectives: the 2
+    processes decode 3 and 9 tokens (and rank 0 more on its own) with the plain model's results, and no
+    process waits on another. Leaving it restores the shards and FSDP2's resharding after forward; training
+    goes on with the plain model's loss and gradients."""
+    script = tmp_path / "full_parameters.py"
+    script.write_text(FULL_PARAMETERS)
+    done = launch([str(script)])
+    assert "rank 0: decoded and trained" in done.stdout and "rank 1: decoded and trained" in done.stdout
+
+
+# ---------------------------------------------------------------------------------------------- GRPO
+
+
+@pytest.fixture(scope="module")
+def grpo_data(tmp_path_factory) -> Path:
+    """16 training and 4 validation sums, and a verifier rewarding the share of e's in a completion."""
     from tunelab.data.arithmetic import arithmetic_problems
 
+    directory = tmp_path_factory.mktemp("grpo-data")
     train = arithmetic_problems(16, seed=0, kinds=["1+1"])
     validation = arithmetic_problems(4, seed=1, kinds=["1+1"], exclude={r["problem"] for r in train})
     for name, records in (("train", train), ("validation", validation)):
-        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    (tmp_path / "checks.py").write_text("def e_share(output, example):\n"
-                                        "    return output.count('e') / max(1, len(output))\n")
-    raw = {"output_dir": str(tmp_path / "run"), "model": {"source": str(chat_llama)},
-           "task": {"type": "grpo", "rewards": [{"verifier": f"{tmp_path / 'checks.py'}:e_share"}],
-                    "num_generations": 4, "max_new_tokens": 6, "temperature": 1.0, "beta": 0.04},
-           "data": {"train": str(tmp_path / "train.jsonl"), "validation": str(tmp_path / "validation.jsonl"),
-                    "max_length": 64},
-           "train": {"max_steps": 4, "batch_size": 4, "lr": 1e-2, "precision": "fp32", "eval_steps": 2,
-                     "logging_steps": 1, "warmup": 0, "save_steps": 2, "num_threads": 1}}
-    torchrun("train", str(write(tmp_path / "grpo.yaml", raw)))
-    run = tmp_path / "run"
+        (directory / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (directory / "checks.py").write_text("def e_share(output, example):\n"
+                                         "    return output.count('e') / max(1, len(output))\n")
+    return directory
+
+
+def grpo_config(model_dir: Path, data: Path, out: Path, **train) -> dict:
+    """4 prompts a step (2 per process) with 4 sampled completions each, up to 6 tokens."""
+    return {"output_dir": str(out), "model": {"source": str(model_dir)},
+            "task": {"type": "grpo", "rewards": [{"verifier": f"{data / 'checks.py'}:e_share"}],
+                     "num_generations": 4, "max_new_tokens": 6, "temperature": 1.0, "beta": 0.04},
+            "data": {"train": str(data / "train.jsonl"), "validation": str(data / "validation.jsonl"),
+                     "max_length": 64},
+            "train": {"max_steps": 4, "batch_size": 4, "lr": 1e-2, "precision": "fp32", "eval_steps": 2,
+                      "logging_steps": 1, "warmup": 0, "save_steps": 2, "num_threads": 1, **train}}
+
+
+def check_grpo_run(run: Path) -> list[dict]:
+    """The records of a finished 4-step GRPO run, checked: evaluation, samples.jsonl and the model from rank 0."""
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["split"] == "train"] == [1, 2, 3, 4]
+    assert all("reward" in r and "kl" in r for r in records if r["split"] == "train")
     assert [r["step"] for r in records if r["split"] == "validation"] == [2, 4]
     assert (run / "model" / "model.safetensors").exists() and (run / "samples.jsonl").exists()
     assert (run / "checkpoint-2" / "training.pt").exists()
+    return records
+
+
+@pytest.fixture(scope="module")
+def grpo_ddp_run(chat_llama, grpo_data, tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("grpo-ddp")
+    config = grpo_config(chat_llama, grpo_data, directory / "run", distributed="ddp")
+    torchrun("train", str(write(directory / "grpo.yaml", config)))
+    return directory / "run"
+
+
+def test_grpo_trains_with_ddp(grpo_ddp_run):
+    """Online GRPO: each process samples the completions of its share of the prompts (no equality with one
+    process: the samples differ); evaluation, samples.jsonl and the model come from rank 0."""
+    check_grpo_run(grpo_ddp_run)
+
+
+def test_grpo_trains_with_fsdp_as_with_ddp_and_resumes(chat_llama, grpo_data, grpo_ddp_run, tmp_path):
+    """GRPO under FSDP2: each process samples its completions with the full parameters gathered, and rank 0
+    decodes the validation prompts alone (a collective forward pass there would hang). Both processes sample
+    the same rows with the same seeds and (up to rounding) weights as under DDP: the same rewards and losses.
+    Its checkpoint at step 2, resumed by 2 FSDP2 processes, gives the same steps 3 and 4."""
+    config = grpo_config(chat_llama, grpo_data, tmp_path / "fsdp", distributed="fsdp")
+    done = torchrun("train", str(write(tmp_path / "fsdp.yaml", config)))
+    assert "distributed: fsdp over 2 processes" in done.stdout + done.stderr
+    run = tmp_path / "fsdp"
+    records = check_grpo_run(run)
+    ddp = [json.loads(line) for line in (grpo_ddp_run / "metrics.jsonl").read_text().splitlines()]
+    rewards = {r["step"]: r["reward"] for r in records if r["split"] == "train"}
+    assert rewards == {r["step"]: r["reward"] for r in ddp if r["split"] == "train"}
+    difference = max_loss_difference(grpo_ddp_run, run)
+    assert difference < TOLERANCE
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run, resumed, ignore=shutil.ignore_patterns("model", "metrics.json", "report.md", "plots"))
+    (resumed / "config.yaml").write_text((resumed / "config.yaml").read_text().replace(str(run), str(resumed)))
+    assert "resumed from step 2" in torchrun("train", "--resume", str(resumed)).stdout
+    check_grpo_run(resumed)
+    resumed_difference = max_loss_difference(run, resumed)
+    print(f"\nGRPO, FSDP2 against DDP (2 processes each): max train loss difference {difference:.2e}; "
+          f"FSDP2 resumed at step 2: {resumed_difference:.2e}")
+    assert resumed_difference < TOLERANCE
 
 
 # ---------------------------------------------------------------------------------------------- recurrent LM

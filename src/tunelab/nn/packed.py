@@ -82,3 +82,10 @@ def linears(x: torch.Tensor, *layers: nn.Linear) -> tuple[torch.Tensor, ...]:
     if out is None:
         return tuple(layer(x) for layer in layers)
     return tuple(out.split([layer.out_features for layer in layers], dim=-1))
+
+
+def forget_packed_weights(module: nn.Module) -> None:
+    """Drop the reordered weight copies cached on the layers of `module` (their memory; a sharded model's
+    layers, whose full weights are gathered only for decoding, would otherwise keep a whole copy)."""
+    for layer in module.modules():
+        layer.__dict__.pop("_tunelab_packed", None)

@@ -90,14 +90,14 @@ def resolve_mode(setting: str, world_size: int) -> str:
     return "ddp" if setting == "auto" else setting
 
 
-def setup_distributed(settings, *, task: str = "") -> DistributedContext:
+def setup_distributed(settings) -> DistributedContext:
     """Join torchrun's process group (gloo on CPU, nccl on CUDA, one GPU per LOCAL_RANK) as train.distributed
     says; a plain one-process context without torchrun. Checks the global batch divides over the processes."""
     world_size = launched_world_size()
     mode = resolve_mode(settings.distributed, world_size)
     if mode == "none":
         return DistributedContext()
-    check_distributed_config(settings, world_size, mode=mode, task=task)
+    check_distributed_config(settings, world_size, mode=mode)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
@@ -110,14 +110,11 @@ def setup_distributed(settings, *, task: str = "") -> DistributedContext:
     return DistributedContext(mode, rank, local_rank, world_size, device)
 
 
-def check_distributed_config(settings, world_size: int, *, mode: str, task: str) -> None:
+def check_distributed_config(settings, world_size: int, *, mode: str) -> None:
     """One clear line for a config that cannot train on `world_size` processes."""
     if settings.batch_size % world_size:
         raise ConfigError(f"train.batch_size {settings.batch_size} (the global batch) does not divide over "
                           f"{world_size} processes (WORLD_SIZE); choose a multiple of {world_size}")
-    if mode == "fsdp" and task == "grpo":
-        raise ConfigError("task grpo samples completions of different lengths on each process, which FSDP2's "
-                          "collective forward passes cannot follow; set train.distributed=ddp")
     if mode == "fsdp" and settings.sample_prompts:
         raise ConfigError("train.sample_prompts generates on rank 0 alone, which an FSDP2-sharded model cannot; "
                           "with train.distributed=fsdp leave sample_prompts empty (or use ddp)")
@@ -237,3 +234,36 @@ def gradient_sync(model: torch.nn.Module, sync: bool):
     if is_sharded(model):
         model.set_requires_gradient_sync(sync)
     return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def full_parameters(model: torch.nn.Module):
+    """A context in which an FSDP2-sharded `model` has every parameter whole on every process, so that its
+    forward passes make no collectives: for decoding, where each process runs as many forward passes as its
+    own completions need (GRPO's sampling) or rank 0 generates alone (train.sample_prompts, GRPO's greedy
+    evaluation). Without FSDP2 it does nothing.
+
+    Entering and leaving are collectives: every process enters, whether or not it generates. On entering,
+    each FSDP2 module all-gathers its parameters (unshard) and stops resharding after its forward passes; on
+    leaving, each frees the gathered parameters (reshard, back to the shards, which the context never changed)
+    and reshards after forward again as wrap_model left it (FSDP2's default: the blocks do, the root keeps its
+    parameters from forward to backward). The full parameters cost their memory on every process while
+    inside; the inference-only copies of weights that decoding caches (nn/packed.py) are dropped on leaving."""
+    if not is_sharded(model):
+        yield model
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    from tunelab.nn.packed import forget_packed_weights
+
+    modules = [module for module in model.modules() if isinstance(module, FSDPModule)]
+    for module in modules:
+        module.set_reshard_after_forward(False, recurse=False)
+        module.unshard()
+    try:
+        yield model
+    finally:
+        forget_packed_weights(model)
+        for module in modules:
+            module.reshard()
+            module.set_reshard_after_forward(module is not model, recurse=False)

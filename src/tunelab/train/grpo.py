@@ -9,6 +9,11 @@ better than their group's mean and lowers the others', with a per-token KL penal
 reference policy: the same model with its LoRA adapters switched off, a `task.reference` model, or (full
 fine-tuning) a frozen copy of the model before training. With beta 0 no reference is run.
 
+Under torchrun each process samples the completions of its own share of the prompts. Its decoding loop runs a
+forward pass per new token until its own completions end, so the processes run different numbers of forward
+passes: under FSDP2 they sample with the full parameters gathered (train/distributed.full_parameters), where a
+forward pass makes no collectives.
+
 With task.num_iterations mu > 1 every sampled batch is trained on mu times (the sampler repeats each optimizer
 step's batches mu times in a row, and the step keeps their rollouts), and the ratio to the policy that sampled
 them is clipped (PPO). With mu = 1 that ratio is 1 and the loss is the advantage-weighted log-probability.
@@ -40,6 +45,7 @@ from tunelab.data.encoded import IGNORE_INDEX
 from tunelab.data.prompts import PromptExample
 from tunelab.errors import ConfigError, DataError, TunelabError
 from tunelab.losses import group_advantages, grpo_token_losses, reduce_token_losses, token_logps
+from tunelab.train.distributed import full_parameters
 from tunelab.train.samples import SampleLog
 from tunelab.train.tasks import MetricWindow
 
@@ -239,6 +245,7 @@ class GRPOStep:
 
     head, main_metric, greater_is_better = "lm", "success_rate", True
     online = True  # collate samples from the model: `tunelab plan` times it with the step
+    generates = True  # evaluate decodes: under FSDP2 the Trainer gathers the full parameters for it
 
     def __init__(self, tokenizer, rewards: Rewards, *, num_generations: int = 8, max_new_tokens: int = 128,
                  temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, beta: float = 0.04,
@@ -322,7 +329,8 @@ class GRPOStep:
         was_training = model.training
         model.eval()
         try:
-            completions, ended = sample_completions(model, prompts, settings, stop_ids, self.autocast)
+            with full_parameters(model):  # FSDP2: each process decodes as many tokens as its own completions need
+                completions, ended = sample_completions(model, prompts, settings, stop_ids, self.autocast)
             texts = [completion_text(self.tokenizer, c, stop_ids) for c in completions]
             scores = self.rewards.score(examples, texts)
             rewards = torch.tensor(scores.total, dtype=torch.float32)

@@ -734,7 +734,7 @@ def train(config: TrainConfig, *, resume: bool = False, show_progress: bool = Tr
 
     if not resume:
         check_new_run_dir(config.output_dir)
-    context = setup_distributed(config.train, task=config.task.type)
+    context = setup_distributed(config.train)
     try:
         return _train(config, context, resume=resume, show_progress=show_progress and context.is_main,
                       log=log if context.is_main else (lambda *args, **kwargs: None))

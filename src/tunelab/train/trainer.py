@@ -31,6 +31,7 @@ from tunelab.train.checkpointing import (
 )
 from tunelab.train.distributed import (
     DistributedContext,
+    full_parameters,
     gather_rows,
     gradient_sync,
     is_sharded,
@@ -62,7 +63,8 @@ class TaskStep(Protocol):
     # the carried tensors have one row per batch row (per stream) along a dimension, `state_rows_dim` names
     # it: under torchrun a checkpoint then holds the rows of every process (the same for any world size);
     # a step with pop_train_metrics() -> {name: mean} has those values of its training batches since the
-    # last log line logged with the loss (preference tasks: reward accuracy and margin)
+    # last log line logged with the loss (preference tasks: reward accuracy and margin); a step whose evaluate
+    # decodes has `generates = True` (GRPO): under FSDP2 rank 0 evaluates it alone with the full parameters
 
 
 @dataclass
@@ -318,8 +320,7 @@ class Trainer:
         if final and self._last_eval is not None and self._last_eval[0] == state.global_step:
             _, metrics, improved = self._last_eval
         else:
-            batch_size = s.eval_batch_size or s.batch_size
-            metrics = self.task.evaluate(self.module, self.eval_features, batch_size, self.autocast)
+            metrics = self._task_metrics()
             self.model.train()
             if log is not None:
                 log.log(state.global_step, "validation", metrics)
@@ -336,6 +337,20 @@ class Trainer:
             return False
         patience = s.early_stopping_patience
         return bool(patience and state.evals_without_improvement >= patience)
+
+    def _task_metrics(self) -> dict[str, Any]:
+        """The task's evaluation of the validation rows. A task whose evaluation decodes (`generates`: GRPO's
+        greedy completions) runs a forward pass per new token: under FSDP2 every process gathers the full
+        parameters once (full_parameters), rank 0 decodes alone with no collective forward passes, and the
+        others take its metrics, so that every process decides alike on the best checkpoint."""
+        batch_size = self.settings.eval_batch_size or self.settings.batch_size
+        if not (is_sharded(self.model) and getattr(self.task, "generates", False)):
+            return self.task.evaluate(self.module, self.eval_features, batch_size, self.autocast)
+        metrics = None
+        with full_parameters(self.model):
+            if self.dist.is_main:
+                metrics = self.task.evaluate(self.module, self.eval_features, batch_size, self.autocast)
+        return self.dist.broadcast(metrics)
 
     def _track_best(self, metrics: dict, *, save: bool) -> bool:
         """Update the best metric (and checkpoint-best when `save`); whether this evaluation improved."""

@@ -14,6 +14,7 @@ from tunelab.train.checkpointing import TrainerState, load_checkpoint, save_chec
 from tunelab.train.distributed import (
     DistributedContext,
     check_distributed_config,
+    full_parameters,
     resolve_mode,
     share_of_batch,
     share_of_rows,
@@ -53,16 +54,18 @@ def test_auto_is_ddp_under_torchrun_and_nothing_in_one_process():
     assert resolve_mode("auto", 2) == "ddp" and resolve_mode("fsdp", 4) == "fsdp"
     model = torch.nn.Linear(2, 2)
     assert wrap_model(model, DistributedContext()) is model
+    with full_parameters(model) as inside:  # nothing to gather without FSDP2
+        assert inside is model and type(model.weight.data) is torch.Tensor
 
 
 def test_config_errors_name_the_key_and_the_world_size():
     with pytest.raises(ConfigError, match=r"train.batch_size 6 \(the global batch\) does not divide over 4 processes"):
-        check_distributed_config(TrainSection(batch_size=6), 4, mode="ddp", task="chat")
-    check_distributed_config(TrainSection(batch_size=8), 4, mode="fsdp", task="chat")
+        check_distributed_config(TrainSection(batch_size=6), 4, mode="ddp")
+    check_distributed_config(TrainSection(batch_size=8), 4, mode="fsdp")
     for mode in ("ddp", "fsdp"):  # a recurrent LM's streams are the rows of the global batch
-        check_distributed_config(TrainSection(batch_size=8), 4, mode=mode, task="recurrent_lm")
+        check_distributed_config(TrainSection(batch_size=8), 4, mode=mode)
         with pytest.raises(ConfigError, match=r"train.batch_size 6 \(the global batch\) does not divide over 4"):
-            check_distributed_config(TrainSection(batch_size=6), 4, mode=mode, task="recurrent_lm")
+            check_distributed_config(TrainSection(batch_size=6), 4, mode=mode)
     with pytest.raises(ValueError, match="distributed"):
         TrainSection(distributed="deepspeed")
 
