@@ -206,6 +206,31 @@ def test_fsdp_matches_one_process_and_its_sharded_state_reloads(chat_llama, one_
                                  resumed / "model" / "model.safetensors") < 1e-5
 
 
+def test_text_samples_under_fsdp_are_one_process_samples(chat_llama, tmp_path):
+    """train.sample_prompts under FSDP2: at each evaluation every process gathers the full parameters and rank 0
+    generates alone; the samples are one process's, and training goes on with one process's losses. Without
+    validation rows the samples are generated once at the end."""
+    samples = {"sample_prompts": ["ROMEO:", "Hello"], "sample_max_new_tokens": 12, "eval_steps": 3}
+    one_process("train", str(write(tmp_path / "one.yaml", chat_config(chat_llama, tmp_path / "one", **samples))))
+    fsdp = chat_config(chat_llama, tmp_path / "fsdp", distributed="fsdp", **samples)
+    torchrun("train", str(write(tmp_path / "fsdp.yaml", fsdp)))
+    difference = max_loss_difference(tmp_path / "one", tmp_path / "fsdp")
+    validation = max(abs(a - b) for a, b in zip(validation_losses(tmp_path / "one"), validation_losses(tmp_path / "fsdp")))
+    print(f"\nFSDP2 with text samples, 2 processes against 1: max train loss difference {difference:.2e}, "
+          f"validation {validation:.2e}")
+    assert difference < TOLERANCE and validation < TOLERANCE
+    texts = {name: [(r["step"], r["prompt"], r["text"]) for r in map(json.loads, (tmp_path / name / "samples.jsonl")
+                                                                      .read_text().splitlines())]
+             for name in ("one", "fsdp")}
+    assert [(step, prompt) for step, prompt, _ in texts["fsdp"]] == [(3, "ROMEO:"), (3, "Hello"), (6, "ROMEO:"),
+                                                                     (6, "Hello")]
+    assert texts["fsdp"] == texts["one"]
+    no_validation = chat_config(chat_llama, tmp_path / "at-end", distributed="fsdp", max_steps=2, **samples)
+    no_validation["data"]["validation_split"] = 0.0
+    torchrun("train", str(write(tmp_path / "at-end.yaml", no_validation)))
+    assert [r["step"] for r in map(json.loads, (tmp_path / "at-end" / "samples.jsonl").read_text().splitlines())] == [2, 2]
+
+
 def test_dpo_with_lora_matches_one_process(chat_llama, tmp_path, capsys):
     """Preference pairs: rank 0 computes the reference log-probabilities once, the other process reads them."""
     records = [json.loads(line) for line in HH.read_text(encoding="utf-8").splitlines()]

@@ -97,7 +97,7 @@ def setup_distributed(settings) -> DistributedContext:
     mode = resolve_mode(settings.distributed, world_size)
     if mode == "none":
         return DistributedContext()
-    check_distributed_config(settings, world_size, mode=mode)
+    check_distributed_config(settings, world_size)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
@@ -110,14 +110,12 @@ def setup_distributed(settings) -> DistributedContext:
     return DistributedContext(mode, rank, local_rank, world_size, device)
 
 
-def check_distributed_config(settings, world_size: int, *, mode: str) -> None:
-    """One clear line for a config that cannot train on `world_size` processes."""
+def check_distributed_config(settings, world_size: int) -> None:
+    """One clear line for a config that cannot train on `world_size` processes. Every task and method trains
+    in both modes: the only condition is a global batch that divides over the processes."""
     if settings.batch_size % world_size:
         raise ConfigError(f"train.batch_size {settings.batch_size} (the global batch) does not divide over "
                           f"{world_size} processes (WORLD_SIZE); choose a multiple of {world_size}")
-    if mode == "fsdp" and settings.sample_prompts:
-        raise ConfigError("train.sample_prompts generates on rank 0 alone, which an FSDP2-sharded model cannot; "
-                          "with train.distributed=fsdp leave sample_prompts empty (or use ddp)")
 
 
 def shutdown(context: DistributedContext) -> None:

@@ -20,6 +20,7 @@ Run directory:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -744,7 +745,7 @@ def train(config: TrainConfig, *, resume: bool = False, show_progress: bool = Tr
 
 def _train(config: TrainConfig, context, *, resume: bool, show_progress: bool, log) -> dict:
     from tunelab.data.samplers import LengthGroupedSampler, RandomBatchSampler
-    from tunelab.train.distributed import wrap_model
+    from tunelab.train.distributed import full_parameters, wrap_model
     from tunelab.train.tasks import make_step
     from tunelab.train.trainer import Batches, Trainer, resolve_precision
 
@@ -864,8 +865,10 @@ def _train(config: TrainConfig, context, *, resume: bool, show_progress: bool, l
             _trim_metrics(run_dir / "samples.jsonl", trainer.state.global_step)
     try:
         final = trainer.fit()
-        if samples is not None and eval_rows is None:
-            samples(trainer.state.global_step)  # no evaluations to sample at: once at the end
+        if eval_rows is None:  # no evaluations to sample at: once at the end (FSDP2: every process gathers)
+            with full_parameters(model) if s.sample_prompts else contextlib.nullcontext():
+                if samples is not None:
+                    samples(trainer.state.global_step)
     finally:
         if samples is not None:
             samples.close()

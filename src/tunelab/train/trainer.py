@@ -324,8 +324,11 @@ class Trainer:
             self.model.train()
             if log is not None:
                 log.log(state.global_step, "validation", metrics)
-            if self.on_evaluate:
-                self.on_evaluate(state.global_step, metrics)
+            # train.sample_prompts: rank 0's on_evaluate generates text; under FSDP2 every process gathers the
+            # full parameters for it, so that rank 0's decoding forward passes make no collectives
+            with full_parameters(self.model) if s.sample_prompts else contextlib.nullcontext():
+                if self.on_evaluate:
+                    self.on_evaluate(state.global_step, metrics)
             improved = self._track_best(metrics, save=not final)
             self._last_eval = (state.global_step, metrics, improved)
         self.final_metrics = {**metrics, "step": state.global_step}
