@@ -5,7 +5,9 @@ the targets of the whole global accumulation group, so the loss at every step eq
 within 1e-5). Checkpoints hold full tensors: a 2-process run resumes in 1 process, an FSDP2 run's sharded
 state is gathered into a checkpoint and sharded again when a 2-process FSDP2 run resumes from it. A recurrent
 LM's carried state (one row per stream, each process its own streams) is saved whole, so its checkpoints
-resume with 1 or 2 processes.
+resume with 1 or 2 processes. Under FSDP2, QLoRA keeps its NF4 base whole on each process and matches one
+process; decoding (GRPO, train.sample_prompts) runs with the full parameters gathered, where processes decode
+different numbers of tokens without waiting on each other.
 Each process computes on one thread with a tiny model. (The config errors are unit tests:
 tests/unit/train/test_distributed.py.)
 """

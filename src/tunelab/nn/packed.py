@@ -10,6 +10,7 @@ with outputs bit-identical to F.linear's.
 Only for bf16 weights on a CPU with oneDNN, without autograd (torch.no_grad or inference_mode) and on plain
 nn.Linear layers (not LoRA wrappers). The reordered copy is cached on the first layer and rebuilt when a weight
 changes (its version counter moves on every in-place update, e.g. an optimizer step between GRPO's samples).
+`forget_packed_weights` drops the copies (an FSDP2 model's weights are whole only while it decodes).
 """
 
 from __future__ import annotations

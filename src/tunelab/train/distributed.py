@@ -12,6 +12,11 @@ batch, up to the order of float additions.
 A task step whose carried state has one row per batch row (a recurrent LM's state, one row per stream) keeps
 its own rows in each process; a checkpoint holds the rows of every process, gathered (`gather_rows`), and a
 resumed process takes its share back (`share_of_rows`), so the checkpoint does not depend on the world size.
+
+Every task and method trains under FSDP2. QLoRA's NF4 base weights stay whole on every process (wrap_model).
+Decoding (GRPO's sampling and evaluation, train.sample_prompts) runs a forward pass per new token, as many as
+this process's completions need, or on rank 0 alone: it runs inside `full_parameters`, where the parameters are
+gathered once and no forward pass is collective.
 """
 
 from __future__ import annotations
