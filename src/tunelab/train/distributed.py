@@ -176,8 +176,9 @@ def wrap_model(model: torch.nn.Module, context: DistributedContext) -> torch.nn.
     process. FSDP2 changes `model` in place (its parameters become DTensor shards).
 
     QLoRA's frozen NF4 base weights (torchao's tensor subclass, which FSDP2 cannot shard) are FSDP2's
-    ignored_params: each process keeps them whole, as it would under DDP (at 4 bits a weight they take an
-    eighth of the memory of the fp32 weights); the LoRA adapters and every other parameter are sharded.
+    ignored_params: each process keeps them whole, as it would under DDP (at 4 bits a weight, with their block
+    scales, about an eighth of the memory of fp32 weights); the LoRA adapters and every other parameter are
+    sharded.
 
     The layers of a recurrent model (torch's nn.RNN / LSTM / GRU) are sharded with the whole model, not one by
     one: weight dropout runs a layer through torch.func.functional_call with a dropped-out copy of W_hh, which
