@@ -91,13 +91,17 @@ def max_weight_difference(a: Path, b: Path) -> float:
     return max(float((wa[k] - wb[k]).abs().max()) for k in wa)
 
 
+def run_alone(tmp_path_factory, name: str, make_config) -> Path:
+    """A run that 2-process runs are compared with: one process, the same global batch; make_config(out)."""
+    directory = tmp_path_factory.mktemp(name)
+    torch.set_num_threads(1)
+    one_process("train", str(write(directory / "one.yaml", make_config(directory / "one"))))
+    return directory / "one"
+
+
 @pytest.fixture(scope="module")
 def one_process_run(chat_llama, tmp_path_factory) -> Path:
-    """The run that the 2-process runs are compared with: one process, the same global batch."""
-    directory = tmp_path_factory.mktemp("one-process")
-    torch.set_num_threads(1)
-    one_process("train", str(write(directory / "one.yaml", chat_config(chat_llama, directory / "one"))))
-    return directory / "one"
+    return run_alone(tmp_path_factory, "one-process", lambda out: chat_config(chat_llama, out))
 
 
 def test_ddp_matches_one_process_and_writes_once(chat_llama, one_process_run, tmp_path):
@@ -141,10 +145,7 @@ def qlora_config(model_dir: Path, out: Path, **train) -> dict:
 
 @pytest.fixture(scope="module")
 def qlora_one_process_run(chat_llama, tmp_path_factory) -> Path:
-    directory = tmp_path_factory.mktemp("qlora-one-process")
-    torch.set_num_threads(1)
-    one_process("train", str(write(directory / "one.yaml", qlora_config(chat_llama, directory / "one"))))
-    return directory / "one"
+    return run_alone(tmp_path_factory, "qlora-one-process", lambda out: qlora_config(chat_llama, out))
 
 
 def test_qlora_ddp_matches_one_process(chat_llama, qlora_one_process_run, tmp_path):
