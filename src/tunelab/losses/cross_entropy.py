@@ -67,7 +67,7 @@ def chunked_cross_entropy(
     pass over each chunk's logits gives the loss and its gradients. Any other head: each chunk's [chunk_size, V]
     logits are recomputed in the backward pass instead of being kept (with a single chunk there is nothing to
     gain: it is computed once, as usual)."""
-    if isinstance(head, torch.nn.Linear) and head.bias is None and type(head.weight.data) is torch.Tensor:
+    if plain_linear(head):
         return linear_cross_entropy(rows, head.weight, targets, chunk_size=chunk_size)
     if rows.shape[0] <= chunk_size:
         return _chunk_ce(rows, targets, head)
@@ -76,6 +76,34 @@ def chunked_cross_entropy(
         h, y = rows[start : start + chunk_size], targets[start : start + chunk_size]
         total = total + torch.utils.checkpoint.checkpoint(_chunk_ce, h, y, head, use_reentrant=False)
     return total
+
+
+def plain_linear(head) -> bool:
+    """Whether `head` is a plain bias-free nn.Linear on a plain tensor, which the fused losses below take as
+    its weight (an LM projection); anything else is called as a function."""
+    return isinstance(head, torch.nn.Linear) and head.bias is None and type(head.weight.data) is torch.Tensor
+
+
+def _logit_chunks(rows: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int):
+    """What the fused losses share: (compute dtype, accumulation dtype, weight and rows in the compute dtype,
+    the chunks). The compute dtype is autocast's when autocast is on where this is called (as F.linear would
+    compute), else the rows'; the accumulation dtype fp32 (fp64 for an fp64 model). Iterating the chunks (with
+    autocast disabled) gives, `chunk_size` rows at a time, (rows slice, h, y, z = h W^T [c, V] in the
+    accumulation dtype, logsumexp(z) [c])."""
+    device_type = rows.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else rows.dtype
+    acc = torch.promote_types(dtype, torch.float32)
+    w = weight.to(dtype)  # [V, D]
+    h_all = rows.to(dtype)  # [N, D]
+
+    def chunks():
+        for start in range(0, h_all.shape[0], chunk_size):
+            part = slice(start, start + chunk_size)
+            h, y = h_all[part], targets[part]
+            z = (h @ w.t()).to(acc)  # [c, V]
+            yield part, h, y, z, torch.logsumexp(z, dim=-1)
+
+    return dtype, acc, w, h_all, chunks()
 
 
 def _chunk_ce(h: torch.Tensor, y: torch.Tensor, head) -> torch.Tensor:
@@ -101,26 +129,19 @@ def linear_cross_entropy(rows: torch.Tensor, weight: torch.Tensor, targets: torc
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows, weight, targets, chunk_size, need_rows, need_weight):
-        device_type = rows.device.type
-        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else rows.dtype
-        acc = torch.promote_types(dtype, torch.float32)  # the loss in fp32 (fp64 for an fp64 model)
-        with torch.autocast(device_type, enabled=False):
-            w = weight.to(dtype)  # [V, D]
-            h_all = rows.to(dtype)  # [N, D]
+        dtype, acc, w, h_all, chunks = _logit_chunks(rows, weight, targets, chunk_size)
+        with torch.autocast(rows.device.type, enabled=False):
             grad_rows = torch.empty_like(h_all) if need_rows else None
             grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_weight else None
             total = torch.zeros((), dtype=acc, device=rows.device)
-            for start in range(0, h_all.shape[0], chunk_size):
-                h, y = h_all[start: start + chunk_size], targets[start: start + chunk_size]
-                z = (h @ w.t()).to(acc)  # [c, V]
-                lse = torch.logsumexp(z, dim=-1)  # [c]
+            for part, h, y, z, lse in chunks:
                 total += (lse - z.gather(1, y[:, None]).squeeze(1)).sum()
                 if need_rows or need_weight:
                     z.sub_(lse[:, None]).exp_()  # softmax, in place
                     z[torch.arange(y.shape[0], device=y.device), y] -= 1.0  # d CE / d z
                     dz = z.to(dtype)
                     if need_rows:
-                        grad_rows[start: start + chunk_size] = dz @ w
+                        grad_rows[part] = dz @ w
                     if need_weight:
                         grad_weight += dz.t() @ h
         ctx.save_for_backward(grad_rows, grad_weight)
@@ -155,23 +176,16 @@ def linear_token_logps(rows: torch.Tensor, weight: torch.Tensor, targets: torch.
 class _LinearTokenLogps(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows, weight, targets, chunk_size, need_rows):
-        device_type = rows.device.type
-        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else rows.dtype
-        acc = torch.promote_types(dtype, torch.float32)
-        with torch.autocast(device_type, enabled=False):
-            w = weight.to(dtype)  # [V, D]
-            h_all = rows.to(dtype)  # [N, D]
+        dtype, acc, w, h_all, chunks = _logit_chunks(rows, weight, targets, chunk_size)
+        with torch.autocast(rows.device.type, enabled=False):
             logps = torch.empty(h_all.shape[0], dtype=acc, device=rows.device)
             grad_rows = torch.empty_like(h_all) if need_rows else None
-            for start in range(0, h_all.shape[0], chunk_size):
-                h, y = h_all[start: start + chunk_size], targets[start: start + chunk_size]
-                z = (h @ w.t()).to(acc)  # [c, V]
-                lse = torch.logsumexp(z, dim=-1)  # [c]
-                logps[start: start + chunk_size] = z.gather(1, y[:, None]).squeeze(1) - lse
+            for part, _, y, z, lse in chunks:
+                logps[part] = z.gather(1, y[:, None]).squeeze(1) - lse
                 if need_rows:
                     z.sub_(lse[:, None]).exp_().neg_()  # -softmax, in place
                     z[torch.arange(y.shape[0], device=y.device), y] += 1.0  # d log p_y / d z
-                    grad_rows[start: start + chunk_size] = z.to(dtype) @ w
+                    grad_rows[part] = z.to(dtype) @ w
         ctx.save_for_backward(grad_rows)
         ctx.rows_dtype = rows.dtype
         return logps

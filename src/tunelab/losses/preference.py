@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from tunelab.losses.cross_entropy import linear_token_logps
+from tunelab.losses.cross_entropy import linear_token_logps, plain_linear
 
 IGNORE = -100
 
@@ -206,8 +206,7 @@ def sequence_logps(hidden: torch.Tensor, labels: torch.Tensor, head: Callable[[t
     rows = hidden[:, :-1][keep]  # [N, D]
     flat_targets = targets[keep]  # [N]
     row_of = torch.arange(hidden.shape[0], device=hidden.device)[:, None].expand_as(targets)[keep]  # [N]
-    if (isinstance(head, torch.nn.Linear) and head.bias is None and type(head.weight.data) is torch.Tensor
-            and not head.weight.requires_grad):  # a frozen LM projection (LoRA): fused, no logits kept
+    if plain_linear(head) and not head.weight.requires_grad:  # a frozen LM projection (LoRA): fused, no logits
         return sums.index_add(0, row_of, linear_token_logps(rows, head.weight, flat_targets,
                                                             chunk_size=chunk_size)), counts
     pieces = []

@@ -185,18 +185,20 @@ class Model(nn.Module):
         *layers): while training with autograd, a block keeps only its inputs and runs its forward again in the
         backward pass (torch.utils.checkpoint, non-reentrant; dropout draws the same masks again). The blocks
         keep their names and weights. Returns the blocks changed; recurrent layers are left as they are."""
-        changed = 0
-        for name, module in self.named_modules():
-            if not (isinstance(module, nn.ModuleList) and name.rsplit(".", 1)[-1].endswith("layers")):
-                continue
-            for block in module:
-                if isinstance(block, nn.RNNBase):
-                    continue
-                block.__dict__.pop("forward", None)  # back to the class's forward
-                if enabled:
-                    block.forward = _checkpointed(block)
-                changed += 1
-        return changed
+        blocks = transformer_blocks(self)
+        for block in blocks:
+            block.__dict__.pop("forward", None)  # back to the class's forward
+            if enabled:
+                block.forward = _checkpointed(block)
+        return len(blocks)
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of a model: each child of a ModuleList named *layers (an encoder-decoder's two stacks
+    included), except torch's recurrent layers. Gradient checkpointing and FSDP2's sharding work block by block."""
+    return [block for name, module in model.named_modules()
+            if isinstance(module, nn.ModuleList) and name.rsplit(".", 1)[-1].endswith("layers")
+            for block in module if not isinstance(block, nn.RNNBase)]
 
 
 def _checkpointed(block: nn.Module):

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from tunelab.errors import ConfigError
+from tunelab.models.base import transformer_blocks
 
 
 @dataclass
@@ -198,11 +199,8 @@ def wrap_model(model: torch.nn.Module, context: DistributedContext) -> torch.nn.
     from tunelab.peft.qlora import is_nf4
 
     whole = {param for param in model.parameters() if is_nf4(param)} or None
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.ModuleList) and name.rsplit(".", 1)[-1].endswith("layers"):
-            for block in module:
-                if not isinstance(block, torch.nn.RNNBase):
-                    fully_shard(block, ignored_params=whole)
+    for block in transformer_blocks(model):
+        fully_shard(block, ignored_params=whole)
     fully_shard(model, ignored_params=whole)
     return model
 
