@@ -25,6 +25,8 @@ job's tokens (each training example's full length, as the HF side tokenizes it, 
 end-to-end wall time; "train tok/s" is over the training loop alone. Peak memory is the process's maximum
 resident set. The final validation loss of both sides is printed: the speed counts only when they agree. For
 `generate`, both sides' greedy tokens are compared instead. The ratio column is tunelab over the best peer.
+tunelab puts big CPU tensors on transparent huge pages (torch's THP_MEM_ALLOC_ENABLE=1, which it sets when
+imported); the HF sides run without it, as they do by default, or with it under --peer-huge-pages.
 Side tunelab-gc (jobs sft, dpo, full) is tunelab with train.gradient_checkpointing: its ratios are gc_speed
 and gc_memory (the memory a job saves, and what it costs in speed).
 Job `full` also prints model FLOP utilisation: 6 x parameters x train tok/s over the bf16 torch.mm peak that
@@ -408,9 +410,20 @@ def hf_worker(job: str, side: str, folder: Path, out: Path) -> dict:
 # ------------------------------------------------------------------------------------------------ driver
 
 
-def _env() -> dict:
-    return {**os.environ, "PYTHONPATH": str(ROOT / "src"), "TOKENIZERS_PARALLELISM": "false",
-            "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+PEER_HUGE_PAGES = False  # --peer-huge-pages: the HF sides get torch's THP_MEM_ALLOC_ENABLE=1 too
+
+
+def _env(side: str = "tunelab") -> dict:
+    """A side's environment. tunelab sets THP_MEM_ALLOC_ENABLE=1 for itself when it is imported (huge pages for
+    big tensors; importing it here put that into this process's environment too), so the HF sides run without
+    it, as they do by default, unless --peer-huge-pages."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "TOKENIZERS_PARALLELISM": "false",
+           "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    if not side.startswith("tunelab"):
+        env.pop("THP_MEM_ALLOC_ENABLE", None)
+        if PEER_HUGE_PAGES:
+            env["THP_MEM_ALLOC_ENABLE"] = "1"
+    return env
 
 
 def run_side(job: str, side: str, folder: Path, work: Path) -> dict:
@@ -430,7 +443,7 @@ def run_side(job: str, side: str, folder: Path, work: Path) -> dict:
         cmd = [sys.executable, __file__, "--worker", job, side, "--folder", str(folder), "--out", str(out)]
     start = time.perf_counter()
     with open(out / "log.txt", "w") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=_env())
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=_env(side))
         _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - start
     if status != 0:
@@ -544,6 +557,8 @@ def main() -> None:
     parser.add_argument("jobs", nargs="*", help=f"any of {', '.join(SIDES)} (default: every job)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--sides", help="comma-separated sides to run (default: all of each job)")
+    parser.add_argument("--peer-huge-pages", action="store_true",
+                        help="run the HF sides with THP_MEM_ALLOC_ENABLE=1 too (tunelab sets it for itself)")
     parser.add_argument("--worker", nargs=2, metavar=("JOB", "SIDE"), help=argparse.SUPPRESS)
     parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -554,6 +569,8 @@ def main() -> None:
             hf_worker(job, side, args.folder, args.out)
         (args.out / "result.json").write_text(json.dumps(figures))
         return
+    global PEER_HUGE_PAGES
+    PEER_HUGE_PAGES = args.peer_huge_pages
     jobs = args.jobs or list(SIDES)
     unknown = [j for j in jobs if j not in SIDES]
     if unknown:
@@ -563,7 +580,7 @@ def main() -> None:
     print(f"torch.mm peak: {peak['fp32']:.0f} GFLOP/s fp32, {peak['bf16']:.0f} GFLOP/s bf16")
     work = CACHE / "runs"
     record = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "versions": versions(), "matmul_peak_gflops": peak,
-              "rounds": args.rounds, "jobs": {}}
+              "rounds": args.rounds, "peer_huge_pages": args.peer_huge_pages, "jobs": {}}
     n_params = 134_515_008  # SmolLM2-135M (tied embeddings counted once)
     all_rows = []
     for job in jobs:

@@ -6,7 +6,31 @@
 
 from __future__ import annotations
 
+import os as _os
+
 __version__ = "0.1.0"
+
+
+def _use_huge_pages() -> None:
+    """Ask torch to put CPU tensors of 2 MB or more on transparent huge pages, unless the user decided
+    (THP_MEM_ALLOC_ENABLE=0 turns it off) or the kernel offers none.
+
+    Big tensors (activations, gradients, optimizer states, chunks of logits) go back to the kernel when freed,
+    and the next step faults them in again, 4 KB at a time. In SmolLM2-135M full fine-tuning at 4 x 512 tokens
+    on 2 cores that was 830,000 page faults in the first step and up to 450,000 in later ones; on 2 MB pages the
+    later steps fault almost nothing and the whole job ran about 8% faster with a lower peak RSS (BENCHMARKS.md).
+    torch reads the setting at its first allocation, so it applies when tunelab is imported before torch, as in
+    the `tunelab` command."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            offered = "[never]" not in f.read()
+    except OSError:  # not Linux, or a kernel without transparent huge pages
+        return
+    if offered:
+        _os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+
+_use_huge_pages()
 
 
 def load(source, *, dtype=None):
