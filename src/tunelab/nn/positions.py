@@ -24,7 +24,9 @@ def rope_inverse_frequencies(head_dim: int, theta: float, scaling: dict | None =
     Scaling types: "default"/None; "linear" (positions divided by `factor`, i.e. frequencies divided);
     "llama3" (Llama 3.1: long wavelengths divided by `factor`, short ones kept, a smooth blend between).
     """
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    # on the CPU when the default device is meta (a checkpoint's skeleton, whose buffers are recomputed after)
+    device = "cpu" if torch.get_default_device().type == "meta" else None
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
     kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
     if kind in (None, "default"):
         return inv_freq

@@ -140,3 +140,26 @@ def test_bf16_read_and_write(tiny, make_hf_model, tmp_path, case):
     converted = read_hf_model(write_hf_model(fp32, tmp_path / "converted", dtype=torch.bfloat16), dtype=torch.bfloat16)
     assert_same_tensors(converted, bf16)
     assert {p.dtype for p in fp32.parameters()} == {torch.float32}  # the model written is left as it was
+
+
+def test_reading_a_checkpoint_runs_no_initialiser_and_does_not_import_dynamo(make_hf_model, tmp_path):
+    """The skeleton is built on the meta device with torch.nn.init's initialisers skipped (drawing on meta
+    imports torch._dynamo, 0.85 s); they are restored afterwards."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _, path = make_hf_model("llama-gqa")
+    before = torch.nn.init.normal_
+    read_hf_model(path)
+    assert torch.nn.init.normal_ is before
+    src = str(Path(__file__).resolve().parents[3] / "src")
+    script = ("import sys, torch\nfrom tunelab.checkpoint.hf import read_hf_model\n"
+              f"model = read_hf_model({str(path)!r})\n"
+              "print('torch._dynamo' in sys.modules, float(model.backbone.rotary.inv_freq[1]))")
+    out = subprocess.run([sys.executable, "-c", script], env={"PYTHONPATH": src, "PATH": ""},
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out[0] == "False"
+    config = json.loads((path / "config.json").read_text())
+    head_dim = config["hidden_size"] // config["num_attention_heads"]
+    assert float(out[1]) == pytest.approx(config.get("rope_theta", 10000.0) ** (-2 / head_dim), rel=1e-6)
