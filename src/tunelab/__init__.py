@@ -17,8 +17,9 @@ def _use_huge_pages() -> None:
 
     Big tensors (activations, gradients, optimizer states, chunks of logits) go back to the kernel when freed,
     and the next step faults them in again, 4 KB at a time. In SmolLM2-135M full fine-tuning at 4 x 512 tokens
-    on 2 cores that was 830,000 page faults in the first step and up to 450,000 in later ones; on 2 MB pages the
-    later steps fault almost nothing and the whole job ran about 8% faster with a lower peak RSS (BENCHMARKS.md).
+    on 2 cores that was 830,000 page faults in the first step and 250,000 to 830,000 in later ones; on 2 MB
+    pages the later steps fault almost nothing, and the job took 41.5-42.5 s instead of 44.2-50.2 with a lower
+    peak RSS (BENCHMARKS.md).
     torch reads the setting at its first allocation, so it applies when tunelab is imported before torch, as in
     the `tunelab` command."""
     try:
