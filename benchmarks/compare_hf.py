@@ -410,23 +410,20 @@ def hf_worker(job: str, side: str, folder: Path, out: Path) -> dict:
 # ------------------------------------------------------------------------------------------------ driver
 
 
-PEER_HUGE_PAGES = False  # --peer-huge-pages: the HF sides get torch's THP_MEM_ALLOC_ENABLE=1 too
-
-
-def _env(side: str = "tunelab") -> dict:
+def _env(side: str = "tunelab", *, peer_huge_pages: bool = False) -> dict:
     """A side's environment. tunelab sets THP_MEM_ALLOC_ENABLE=1 for itself when it is imported (huge pages for
     big tensors; importing it here put that into this process's environment too), so the HF sides run without
-    it, as they do by default, unless --peer-huge-pages."""
+    it, as they do by default, unless `peer_huge_pages` (--peer-huge-pages)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "TOKENIZERS_PARALLELISM": "false",
            "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     if not side.startswith("tunelab"):
         env.pop("THP_MEM_ALLOC_ENABLE", None)
-        if PEER_HUGE_PAGES:
+        if peer_huge_pages:
             env["THP_MEM_ALLOC_ENABLE"] = "1"
     return env
 
 
-def run_side(job: str, side: str, folder: Path, work: Path) -> dict:
+def run_side(job: str, side: str, folder: Path, work: Path, *, peer_huge_pages: bool = False) -> dict:
     """One side of one job in its own process: wall seconds, peak resident memory and the side's figures."""
     out = work / f"{job}-{side}"
     shutil.rmtree(out, ignore_errors=True)
@@ -443,7 +440,7 @@ def run_side(job: str, side: str, folder: Path, work: Path) -> dict:
         cmd = [sys.executable, __file__, "--worker", job, side, "--folder", str(folder), "--out", str(out)]
     start = time.perf_counter()
     with open(out / "log.txt", "w") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=_env(side))
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=_env(side, peer_huge_pages=peer_huge_pages))
         _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - start
     if status != 0:
@@ -569,8 +566,6 @@ def main() -> None:
             hf_worker(job, side, args.folder, args.out)
         (args.out / "result.json").write_text(json.dumps(figures))
         return
-    global PEER_HUGE_PAGES
-    PEER_HUGE_PAGES = args.peer_huge_pages
     jobs = args.jobs or list(SIDES)
     unknown = [j for j in jobs if j not in SIDES]
     if unknown:
@@ -589,7 +584,7 @@ def main() -> None:
         runs = []
         for round_ in range(args.rounds):
             for side in sides if round_ % 2 == 0 else sides[::-1]:
-                result = run_side(job, side, folder, work)
+                result = run_side(job, side, folder, work, peer_huge_pages=args.peer_huge_pages)
                 runs.append(result)
                 print(f"  {job} / {side} round {round_ + 1}: {result['seconds']:.1f} s, "
                       f"{result['peak_mb']:.0f} MB", flush=True)

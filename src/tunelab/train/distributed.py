@@ -188,8 +188,6 @@ def wrap_model(model: torch.nn.Module, context: DistributedContext) -> torch.nn.
         return model
     model.to(context.device)
     if context.mode == "ddp":
-        from torch.nn.parallel import DistributedDataParallel
-
         device_ids = [context.device.index] if context.device.type == "cuda" else None
         # init_sync off: every process built the same model from the same files and seed, and broadcasting
         # the frozen NF4 base weights of QLoRA (a torchao tensor subclass) is not needed
@@ -239,11 +237,11 @@ def gradient_sync(model: torch.nn.Module, sync: bool):
 
 
 @contextlib.contextmanager
-def full_parameters(model: torch.nn.Module):
+def full_parameters(model: torch.nn.Module, enabled: bool = True):
     """A context in which an FSDP2-sharded `model` has every parameter whole on every process, so that its
     forward passes make no collectives: for decoding, where each process runs as many forward passes as its
     own completions need (GRPO's sampling) or rank 0 generates alone (train.sample_prompts, GRPO's greedy
-    evaluation). Without FSDP2 it does nothing.
+    evaluation). Without FSDP2, or with `enabled` false, it does nothing.
 
     Entering and leaving are collectives: every process enters, whether or not it generates. On entering,
     each FSDP2 module all-gathers its parameters (unshard) and stops resharding after its forward passes; on
@@ -251,7 +249,7 @@ def full_parameters(model: torch.nn.Module):
     and reshards after forward again as wrap_model left it (FSDP2's default: the blocks do, the root keeps its
     parameters from forward to backward). The full parameters cost their memory on every process while
     inside; the inference-only copies of weights that decoding caches (nn/packed.py) are dropped on leaving."""
-    if not is_sharded(model):
+    if not (enabled and is_sharded(model)):
         yield model
         return
     from torch.distributed.fsdp import FSDPModule

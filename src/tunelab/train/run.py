@@ -20,7 +20,6 @@ Run directory:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import platform
@@ -866,7 +865,7 @@ def _train(config: TrainConfig, context, *, resume: bool, show_progress: bool, l
     try:
         final = trainer.fit()
         if eval_rows is None:  # no evaluations to sample at: once at the end (FSDP2: every process gathers)
-            with full_parameters(model) if s.sample_prompts else contextlib.nullcontext():
+            with full_parameters(model, enabled=bool(s.sample_prompts)):
                 if samples is not None:
                     samples(trainer.state.global_step)
     finally:

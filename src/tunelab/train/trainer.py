@@ -326,7 +326,7 @@ class Trainer:
                 log.log(state.global_step, "validation", metrics)
             # train.sample_prompts: rank 0's on_evaluate generates text; under FSDP2 every process gathers the
             # full parameters for it, so that rank 0's decoding forward passes make no collectives
-            with full_parameters(self.model) if s.sample_prompts else contextlib.nullcontext():
+            with full_parameters(self.model, enabled=bool(s.sample_prompts)):
                 if self.on_evaluate:
                     self.on_evaluate(state.global_step, metrics)
             improved = self._track_best(metrics, save=not final)
