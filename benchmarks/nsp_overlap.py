@@ -1,7 +1,7 @@
 """How much a single lexical feature tells about next-sentence prediction on the WikiText-2 pairs of
 configs/wikitext2-bert-mlm.yaml: the idf-weighted overlap of the word pieces of segment A and segment B (idf from
 the training rows). A threshold is chosen on the training pairs and NSP accuracy is measured on the 1,000
-validation pairs, at the config's 64-token pairs and at 128.
+validation pairs, at 64-, 128- (the config's) and 256-token pairs.
 
     python benchmarks/nsp_overlap.py
 """
@@ -32,8 +32,9 @@ def accuracy(scores: list[float], labels: list[int], threshold: float) -> float:
 
 
 def main() -> None:
-    for length in (64, 128):
-        config = load_train_config(CONFIG, [f"data.max_length={length}"])
+    for length in (64, 128, 256):
+        config = load_train_config(CONFIG, [f"data.max_length={length}",
+                                            f"model.architecture.max_position_embeddings={max(length, 128)}"])
         data = prepare_data(config, run_tokenizer(config, retrain=False, save=False))
         train, validation = data.train.features, data.validation.features
         df = Counter(i for row in train for i in set(row["input_ids"]))

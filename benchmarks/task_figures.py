@@ -45,7 +45,7 @@ WIKITEXT_WORDPIECE = "runs/tokenizers/wikitext2-wordpiece8k"  # configs/wikitext
 ARITHMETIC = "runs/data/arithmetic"  # configs/arithmetic-smollm2-grpo.yaml reads its train.jsonl, validation.jsonl
 FINE_TUNE = "configs/rotten-tomatoes-bert-mlm.yaml"
 SMALL_BERT = ("{family: bert, hidden_size: 256, num_layers: 4, num_heads: 4, intermediate_size: 1024, "
-              "max_position_embeddings: 128, hidden_dropout: 0.1, attention_dropout: 0.1}")  # as wikitext2-bert-mlm.yaml
+              "max_position_embeddings: 256, hidden_dropout: 0.2, attention_dropout: 0.2}")  # as wikitext2-bert-mlm.yaml
 
 
 def run_config(config: str, out: Path, *overrides: str) -> tuple[dict, list[dict], float]:
