@@ -438,9 +438,10 @@ def run_side(job: str, side: str, folder: Path, work: Path, *, peer_huge_pages: 
         cmd = [sys.executable, "-m", "tunelab", "train", str(out / "config.yaml"), "--no-progress"]
     else:
         cmd = [sys.executable, __file__, "--worker", job, side, "--folder", str(folder), "--out", str(out)]
+    env = _env(side, peer_huge_pages=peer_huge_pages)
     start = time.perf_counter()
     with open(out / "log.txt", "w") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=_env(side, peer_huge_pages=peer_huge_pages))
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
         _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - start
     if status != 0:

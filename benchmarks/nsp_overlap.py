@@ -34,7 +34,7 @@ def accuracy(scores: list[float], labels: list[int], threshold: float) -> float:
 def main() -> None:
     for length in (64, 128, 256):
         config = load_train_config(CONFIG, [f"data.max_length={length}",
-                                            f"model.architecture.max_position_embeddings={max(length, 128)}"])
+                                            f"model.architecture.max_position_embeddings={length}"])
         data = prepare_data(config, run_tokenizer(config, retrain=False, save=False))
         train, validation = data.train.features, data.validation.features
         df = Counter(i for row in train for i in set(row["input_ids"]))
