@@ -52,6 +52,7 @@ bench: $(BENCH_STAMP)
 	$(PY) benchmarks/task_figures.py alpaca
 	$(PY) benchmarks/task_figures.py shakespeare
 	$(PY) benchmarks/task_figures.py bert-mlm
+	$(PY) benchmarks/kernel_caches.py
 	$(PY) benchmarks/recurrent_lm.py all
 	$(PY) benchmarks/task_figures.py multi30k
 	$(PY) benchmarks/task_figures.py dialogsum
