@@ -1,7 +1,7 @@
 """How much a single lexical feature tells about next-sentence prediction on the WikiText-2 pairs of
 configs/wikitext2-bert-mlm.yaml: the idf-weighted overlap of the word pieces of segment A and segment B (idf from
 the training rows). A threshold is chosen on the training pairs and NSP accuracy is measured on the 1,000
-validation pairs, at 64-, 128- (the config's) and 256-token pairs.
+validation pairs, at 64-, 128- and 256-token pairs (the config's).
 
     python benchmarks/nsp_overlap.py
 """
