@@ -19,10 +19,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = "configs/wikitext2-bert-mlm.yaml"
-# the child's peak RSS, read by a parent that has no other child
-WRAPPER = ("import resource, subprocess, sys\n"
-           "code = subprocess.run(sys.argv[1:]).returncode\n"
-           "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, code)")
 SIDES = {"oneDNN cache of 64 kernels (tunelab's default)": {},
          "oneDNN's default cache of 1,024": {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024"}}
 
@@ -33,15 +29,14 @@ def run(steps: int, env: dict[str, str], out: Path) -> tuple[float, float]:
                f"train.max_steps={steps}", "train.eval_at_start=false", "train.eval_steps=0", "train.save_steps=0",
                "train.logging_steps=50", "data.max_validation_examples=16"]
     base = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
-    result = subprocess.run([sys.executable, "-c", WRAPPER, *command], env={**base, **env}, cwd=ROOT,
-                            stdout=subprocess.PIPE, text=True, check=True)
-    peak_kb, code = (int(v) for v in result.stdout.split()[-2:])
-    if code:
-        raise SystemExit(f"tunelab train exited with {code}")
+    proc = subprocess.Popen(command, env={**base, **env}, cwd=ROOT)
+    _, status, usage = os.wait4(proc.pid, 0)  # the child's own usage: its peak RSS in KB
+    if status:
+        raise SystemExit(f"tunelab train failed (wait status {status})")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if r["split"] == "train" and r["step"] > 50]
     tokens = sum(r["tokens_per_second"] for r in train) / max(1, len(train))
-    return peak_kb / 1024, tokens
+    return usage.ru_maxrss / 1024, tokens
 
 
 def main() -> None:

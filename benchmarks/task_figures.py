@@ -44,8 +44,6 @@ MULTI30K_TOKENIZER = "runs/tokenizers/multi30k-bpe8k"
 WIKITEXT_WORDPIECE = "runs/tokenizers/wikitext2-wordpiece8k"  # configs/wikitext2-bert-mlm.yaml's tokenizer
 ARITHMETIC = "runs/data/arithmetic"  # configs/arithmetic-smollm2-grpo.yaml reads its train.jsonl, validation.jsonl
 FINE_TUNE = "configs/rotten-tomatoes-bert-mlm.yaml"
-SMALL_BERT = ("{family: bert, hidden_size: 256, num_layers: 4, num_heads: 4, intermediate_size: 1024, "
-              "max_position_embeddings: 256, hidden_dropout: 0.2, attention_dropout: 0.2}")  # as wikitext2-bert-mlm.yaml
 
 
 def run_config(config: str, out: Path, *overrides: str) -> tuple[dict, list[dict], float]:
@@ -74,8 +72,12 @@ def bert_mlm(out: Path, overrides: list[str], stamp: str) -> dict:
           f"{before['mlm_perplexity']:.1f} -> {final['mlm_perplexity']:.2f}\n"
           f"  NSP accuracy {before['nsp_accuracy']:.4f} -> {final['nsp_accuracy']:.4f} (best step {final['step']})")
     tuned, _, tuned_minutes = run_config(FINE_TUNE, out / "fine-tune", f"model.source={out / 'pretrain'}")
+    import yaml
+
+    pretrained = yaml.safe_load((out / "pretrain" / "config.yaml").read_text())["model"]  # as it ran, overrides included
     scratch, _, scratch_minutes = run_config(FINE_TUNE, out / "scratch", "model.source=null",
-                                             f"model.architecture={SMALL_BERT}", f"model.tokenizer={WIKITEXT_WORDPIECE}")
+                                             f"model.architecture={json.dumps(pretrained['architecture'])}",
+                                             f"model.tokenizer={pretrained['tokenizer']}")
     print(f"rotten tomatoes (985 held-out sentences), the same architecture:\n"
           f"  pretrained above: accuracy {tuned['accuracy']:.4f}, macro F1 {tuned['f1']:.4f} ({tuned_minutes:.1f} min)\n"
           f"  random init:      accuracy {scratch['accuracy']:.4f}, macro F1 {scratch['f1']:.4f} ({scratch_minutes:.1f} min)")
