@@ -44,8 +44,8 @@ def _bound_kernel_cache() -> None:
     On a CPU, torch runs bf16 matmuls through oneDNN, which keeps each compiled kernel, with its own buffers, per
     shape. Training can meet a new shape at almost every step: BERT pretraining projects only the masked positions
     to the vocabulary, and their number changes from batch to batch. With the default cache that run
-    (configs/wikitext2-bert-mlm.yaml, one thread) held 7.3 GB after 150 steps and 9.2 GB later; at 512-token pairs
-    it reached 15 GB and the kernel killed it. With 64 kernels it held 2.5 GB and trained 7% faster, and jobs of
+    (configs/wikitext2-bert-mlm.yaml, one thread) held 6.5-7.3 GB after 150 steps and 9.2 GB later; at 512-token pairs
+    it reached 15 GB and the kernel killed it. With 64 kernels it held 2.4-2.5 GB and trained 4-7% faster, and jobs of
     few shapes kept their speed (BENCHMARKS.md). ideep's own cache (LRU_CACHE_CAPACITY) is left at its default:
     bounding it too cost classification 9% of its speed. oneDNN reads the variable when it builds its first
     kernel, so setting it when tunelab is imported is in time unless the process ran a bf16 matmul before."""
