@@ -74,7 +74,8 @@ def bert_mlm(out: Path, overrides: list[str], stamp: str) -> dict:
     tuned, _, tuned_minutes = run_config(FINE_TUNE, out / "fine-tune", f"model.source={out / 'pretrain'}")
     import yaml
 
-    pretrained = yaml.safe_load((out / "pretrain" / "config.yaml").read_text())["model"]  # as it ran, overrides included
+    # the architecture and tokenizer as the pretraining ran, its overrides included
+    pretrained = yaml.safe_load((out / "pretrain" / "config.yaml").read_text())["model"]
     scratch, _, scratch_minutes = run_config(FINE_TUNE, out / "scratch", "model.source=null",
                                              f"model.architecture={json.dumps(pretrained['architecture'])}",
                                              f"model.tokenizer={pretrained['tokenizer']}")

@@ -14,7 +14,8 @@ CHOSEN = ("THP_MEM_ALLOC_ENABLE", "ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_
 HUGE_PAGES = ("import os, resource, tunelab, torch\n"
               "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
               "x = torch.ones(64 << 20 >> 2)  # 64 MB, written once\n"
-              "print(os.environ.get('THP_MEM_ALLOC_ENABLE'), resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)")
+              "print(os.environ.get('THP_MEM_ALLOC_ENABLE'),\n"
+              "      resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)")
 KERNEL_CACHE = ("import os, tunelab\n"
                 "print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'], os.environ.get('LRU_CACHE_CAPACITY'))")
 
