@@ -66,6 +66,10 @@ class ModelSection(Section):
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="dtype the weights are held in (master weights; autocast is train.precision)"
     )
+    init: Literal["normal", "mimetic"] = Field(
+        "normal", description="from scratch: normal (N(0, 0.02), as BERT and GPT-2) or mimetic (attention layers "
+        "start as trained ones look, Trockman & Kolter 2023: W_q^T W_k near the identity; bert, gpt2, llama)",
+    )
 
     @model_validator(mode="after")
     def _one_origin(self) -> "ModelSection":
@@ -85,6 +89,12 @@ class ModelSection(Section):
         if self.target_tokenizer is not None and (self.architecture or {}).get("family") != "seq2seq":
             raise ValueError("model.target_tokenizer (separate vocabularies) applies to an encoder-decoder built "
                              "from scratch: model.architecture with family seq2seq")
+        if self.init != "normal" and self.architecture is None:
+            raise ValueError(f"model.init: {self.init} initialises a model built from scratch (model.architecture); "
+                             "model.source is already trained")
+        if self.init == "mimetic" and self.architecture.get("family") not in ("bert", "gpt2", "llama"):
+            raise ValueError(f"model.init: mimetic is for self-attention models (bert, gpt2, llama), not "
+                             f"{self.architecture.get('family')}")
         if self.warm_start is not None and self.source is None:
             raise ValueError("model.warm_start: bert2bert starts from a BERT model: give it as model.source")
         return self

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
+import torch
 from torch import nn
 
 from tunelab.models import heads as H
@@ -13,6 +14,7 @@ from tunelab.models.gpt2 import GPT2Config, GPT2Model
 from tunelab.models.llama import LlamaConfig, LlamaModel
 from tunelab.models.rnn import RNNConfig, RNNModel
 from tunelab.models.seq2seq import Seq2SeqConfig, Seq2SeqTransformer
+from tunelab.nn.attention import Attention
 
 FAMILIES: dict[str, tuple[type[ModelConfig], type[nn.Module]]] = {
     "bert": (BertConfig, BertModel),
@@ -139,3 +141,48 @@ def init_weights(module: nn.Module, std: float = 0.02) -> None:
             nn.init.zeros_(module.bias)
         if isinstance(module, nn.Embedding) and module.padding_idx is not None and module.weight.requires_grad:
             module.weight.data[module.padding_idx].zero_()
+
+
+# families whose attention is self-attention only: what mimetic initialisation is defined for
+MIMETIC_FAMILIES = ("bert", "gpt2", "llama")
+
+
+def mimetic_init(model: nn.Module, qk: tuple[float, float] = (0.7, 0.7), vo: tuple[float, float] = (0.4, 0.4)) -> int:
+    """Mimetic initialisation of every self-attention layer (Trockman & Kolter 2023), in place; returns how
+    many layers it set.
+
+    Trained attention layers show W_q^T W_k close to a multiple of the identity (a token attends to tokens
+    like itself) and W_o W_v close to minus one. This starts them there: per key/value head,
+    W_q^T W_k = a1 Z1 + b1 I and, for the layer, (W_o W_v)^T = a2 Z2 - b2 I, Z with N(0, 1/dim) entries,
+    each product split into its two factors by the rank-head_dim truncation of its SVD (sqrt of the
+    singular values on each side). (a1, b1) = qk, (a2, b2) = vo; the paper's values are the defaults.
+    Biases stay zero. Draws from torch's global generator, so a seeded run starts the same.
+    """
+    count = 0
+    for module in model.modules():
+        if not isinstance(module, Attention):
+            continue
+        dim, hd = module.q_proj.in_features, module.head_dim
+        group = module.num_heads // module.num_kv_heads
+        with torch.no_grad():
+            for g in range(module.num_kv_heads):
+                u, s, v = _factor(qk, dim, hd)  # M ~ u diag(s) v^T, rank hd
+                q_part, k_part = (u * s.sqrt()).T, (v * s.sqrt()).T  # [hd, dim]: q^T k = M
+                module.k_proj.weight[g * hd:(g + 1) * hd] = k_part
+                for h in range(g * group, (g + 1) * group):  # query heads sharing this key head share its M
+                    module.q_proj.weight[h * hd:(h + 1) * hd] = q_part
+            width = module.v_proj.out_features
+            if width == dim and module.o_proj.in_features == dim:  # (o v)^T = M needs square projections
+                u, s, v = _factor((vo[0], -vo[1]), dim, dim)
+                module.v_proj.weight.copy_((u * s.sqrt()).T)  # v^T = u sqrt(s)
+                module.o_proj.weight.copy_(v * s.sqrt())  # o^T = sqrt(s) v^T
+        count += 1
+    return count
+
+
+def _factor(ab: tuple[float, float], dim: int, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The top-`rank` SVD (u [dim, rank], s [rank], v [dim, rank]) of a Z + b I, Z ~ N(0, 1/dim)."""
+    a, b = ab
+    m = a * torch.randn(dim, dim) / dim**0.5 + b * torch.eye(dim)
+    u, s, vh = torch.linalg.svd(m)
+    return u[:, :rank], s[:rank], vh[:rank].T

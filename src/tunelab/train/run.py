@@ -514,7 +514,7 @@ def build_or_load(config: TrainConfig, tokenizer=None):
             model = bert2bert(model, tokenizer, config)
         return model, tokenizer
     from tunelab.checkpoint.load import parse_dtype
-    from tunelab.models.registry import build_model, config_from_architecture
+    from tunelab.models.registry import build_model, config_from_architecture, mimetic_init
 
     tokenizer = tokenizer if tokenizer is not None else run_tokenizer(config)
     ids = _special_ids(tokenizer)
@@ -526,6 +526,8 @@ def build_or_load(config: TrainConfig, tokenizer=None):
         raise ConfigError(f"model.architecture.vocab_size {model_config.vocab_size} is smaller than the "
                           f"tokenizer's {tokenizer.vocab_size} ids ({config.model.tokenizer or 'model.train_tokenizer'})")
     model = build_model(model_config)
+    if config.model.init == "mimetic":
+        mimetic_init(model)
     return model.to(parse_dtype(config.model.dtype)), tokenizer
 
 

@@ -99,3 +99,47 @@ def test_source_and_architecture_exclude_each_other(char_tokenizer_dir, tmp_path
     raw["model"].pop("tokenizer")
     with pytest.raises(Error, match="needs model.tokenizer"):
         validate(TrainConfig, raw, "test.yaml")
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_mimetic_init_sets_the_attention_products_it_names(char_tokenizer_dir, tmp_path, family):
+    extra = {"num_kv_heads": 2, "intermediate_size": 64} if family == "llama" else {}
+    config = scratch_config(tmp_path, char_tokenizer_dir, family=family, hidden_size=64, **extra)
+    config.model.init = "mimetic"
+    torch.manual_seed(0)
+    model, _ = build_or_load(config)
+    attention = [m for m in model.modules() if type(m).__name__ == "Attention"]
+    assert len(attention) == 2
+    for layer in attention:
+        hd, group = layer.head_dim, layer.num_heads // layer.num_kv_heads
+        for h in range(layer.num_heads):  # a query head and its key head: q^T k leans to +identity
+            q = layer.q_proj.weight[h * hd:(h + 1) * hd]
+            k = layer.k_proj.weight[(h // group) * hd:(h // group + 1) * hd]
+            qk = q.T @ k
+            diagonal, off = qk.diagonal(), qk - torch.diag(qk.diagonal())
+            assert diagonal.mean() > 0.15 and diagonal.mean() > 4 * off.abs().mean()
+            assert torch.linalg.matrix_rank(qk) == hd
+        if family == "gpt2":  # square value and output projections: (o v)^T = 0.4 Z - 0.4 I exactly (full rank)
+            vo = layer.v_proj.weight.T @ layer.o_proj.weight.T
+            assert vo.diagonal().mean().item() == pytest.approx(-0.4, abs=0.05)
+    # a second seeded build draws the same weights; the default init stays N(0, 0.02)
+    torch.manual_seed(0)
+    again, _ = build_or_load(config)
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), model.state_dict().values()))
+    config.model.init = "normal"
+    plain, _ = build_or_load(config)
+    q = [m for m in plain.modules() if type(m).__name__ == "Attention"][0].q_proj.weight
+    assert q.std().item() == pytest.approx(0.02, rel=0.1)
+
+
+def test_mimetic_init_is_refused_where_it_does_not_apply(char_tokenizer_dir, tmp_path):
+    raw = scratch_config(tmp_path, char_tokenizer_dir).model_dump(mode="json")
+    raw["model"]["init"] = "mimetic"
+    raw["model"]["architecture"] = {"family": "rnn", "cell": "lstm", "hidden_size": 32, "num_layers": 1}
+    with pytest.raises(ConfigError, match="mimetic is for self-attention models"):
+        validate(TrainConfig, raw, "test.yaml")
+    raw["model"].pop("architecture")
+    raw["model"]["source"] = "minilm-l6"
+    raw["model"].pop("tokenizer")
+    with pytest.raises(ConfigError, match="model.source is already trained"):
+        validate(TrainConfig, raw, "test.yaml")
