@@ -143,10 +143,6 @@ def init_weights(module: nn.Module, std: float = 0.02) -> None:
             module.weight.data[module.padding_idx].zero_()
 
 
-# families whose attention is self-attention only: what mimetic initialisation is defined for
-MIMETIC_FAMILIES = ("bert", "gpt2", "llama")
-
-
 def mimetic_init(model: nn.Module, qk: tuple[float, float] = (0.7, 0.7), vo: tuple[float, float] = (0.4, 0.4)) -> int:
     """Mimetic initialisation of every self-attention layer (Trockman & Kolter 2023), in place; returns how
     many layers it set.
@@ -171,8 +167,7 @@ def mimetic_init(model: nn.Module, qk: tuple[float, float] = (0.7, 0.7), vo: tup
                 module.k_proj.weight[g * hd:(g + 1) * hd] = k_part
                 for h in range(g * group, (g + 1) * group):  # query heads sharing this key head share its M
                     module.q_proj.weight[h * hd:(h + 1) * hd] = q_part
-            width = module.v_proj.out_features
-            if width == dim and module.o_proj.in_features == dim:  # (o v)^T = M needs square projections
+            if module.v_proj.out_features == dim == module.o_proj.in_features:  # (o v)^T = M needs square projections
                 u, s, v = _factor((vo[0], -vo[1]), dim, dim)
                 module.v_proj.weight.copy_((u * s.sqrt()).T)  # v^T = u sqrt(s)
                 module.o_proj.weight.copy_(v * s.sqrt())  # o^T = sqrt(s) v^T
