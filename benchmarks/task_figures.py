@@ -33,6 +33,8 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 JOBS = {"xquad": "configs/xquad-minilm.yaml", "alpaca": "configs/alpaca-smollm2-lora.yaml",
@@ -72,8 +74,6 @@ def bert_mlm(out: Path, overrides: list[str], stamp: str) -> dict:
           f"{before['mlm_perplexity']:.1f} -> {final['mlm_perplexity']:.2f}\n"
           f"  NSP accuracy {before['nsp_accuracy']:.4f} -> {final['nsp_accuracy']:.4f} (best step {final['step']})")
     tuned, _, tuned_minutes = run_config(FINE_TUNE, out / "fine-tune", f"model.source={out / 'pretrain'}")
-    import yaml
-
     # the architecture and tokenizer as the pretraining ran, its overrides included
     pretrained = yaml.safe_load((out / "pretrain" / "config.yaml").read_text())["model"]
     scratch, _, scratch_minutes = run_config(FINE_TUNE, out / "scratch", "model.source=null",

@@ -144,8 +144,9 @@ def init_weights(module: nn.Module, std: float = 0.02) -> None:
 
 
 def mimetic_init(model: nn.Module, qk: tuple[float, float] = (0.7, 0.7), vo: tuple[float, float] = (0.4, 0.4)) -> int:
-    """Mimetic initialisation of every self-attention layer (Trockman & Kolter 2023), in place; returns how
-    many layers it set.
+    """Mimetic initialisation (Trockman & Kolter 2023) of every Attention module of `model`, in place; returns
+    how many it set. Meant for self-attention models (bert, gpt2, llama: what model.init accepts); an
+    encoder-decoder's cross-attention would be set the same way.
 
     Trained attention layers show W_q^T W_k close to a multiple of the identity (a token attends to tokens
     like itself) and W_o W_v close to minus one. This starts them there: per key/value head,
