@@ -152,6 +152,8 @@ class TaskSection(Section):
     # masked_lm: BERT pretraining (Devlin et al. 2019, sec. 3.1 and appendix A.1)
     nsp: bool = Field(True, description="masked_lm: next-sentence prediction with the masked LM (segment pairs, "
                       "50% true continuation, 50% from another document); false: masked LM alone")
+    nsp_weight: float = Field(1.0, gt=0.0, description="masked_lm: weight of the NSP loss in the training loss "
+                              "(mean masked-token CE + nsp_weight x mean NSP CE); the logged losses are unweighted")
     mask_probability: float = Field(0.15, gt=0.0, lt=1.0, description="masked_lm: share of the tokens chosen as targets")
     mask_token_fraction: float = Field(0.8, ge=0.0, le=1.0, description="masked_lm: chosen tokens replaced by [MASK]")
     random_token_fraction: float = Field(0.1, ge=0.0, le=1.0,

@@ -249,9 +249,10 @@ class MaskedLMStep(TaskStep):
 
     head, main_metric, greater_is_better = "mlm", "mlm_loss", False
 
-    def __init__(self, nsp: bool = True, pad_token_id: int = 0) -> None:
+    def __init__(self, nsp: bool = True, pad_token_id: int = 0, nsp_weight: float = 1.0) -> None:
         super().__init__(pad_token_id)
         self.nsp = nsp
+        self.loss_weights = {"nsp": nsp_weight} if nsp else {}
 
     def num_targets(self, batch: dict) -> dict[str, int]:
         counts = {"mlm": int((batch["labels"] != -100).sum())}
@@ -530,7 +531,7 @@ def make_step(task_type: str, *, labels=None, examples=None, max_answer_length=3
     if task_type in ("causal_lm", "chat"):
         return CausalLMStep(pad_token_id)
     if task_type == "masked_lm":
-        return MaskedLMStep(nsp, pad_token_id)
+        return MaskedLMStep(nsp, pad_token_id, nsp_weight=task.nsp_weight if task else 1.0)
     if task_type == "recurrent_lm":
         return RecurrentLMStep(pad_token_id, bptt)
     if task_type in ("preference", "kto", "reward_model"):

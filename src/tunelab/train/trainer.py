@@ -4,7 +4,8 @@ The loss of an optimizer step is normalised over the targets (tokens or examples
 accumulated batch, so batch_size 8 gives the same update as batch_size 4 with grad_accum 2. A task with
 several objectives (BERT pretraining: masked LM and next-sentence prediction) gives each objective's
 summed loss and target count by name; each is divided by its own targets over the accumulated batch and
-the results are added (mean masked-token CE + mean NSP CE), and each is logged as "<name>_loss".
+the results are added (mean masked-token CE + mean NSP CE; a step's `loss_weights` scales an objective's
+term, task.nsp_weight), and each is logged, unweighted, as "<name>_loss".
 """
 
 from __future__ import annotations
@@ -264,6 +265,7 @@ class Trainer:
         if self.dist.enabled:  # the targets of the whole global group; DDP / FSDP2 average: scale by the world
             total_targets = dict(zip(names, (int(v) for v in self.dist.sum([total_targets[n] for n in names]))))
         scale = float(self.dist.world_size)
+        weights = getattr(self.task, "loss_weights", {})
         loss_totals = dict.fromkeys(total_targets, 0.0)
         tokens = 0
         for i, (batch, weight) in enumerate(group):
@@ -271,7 +273,8 @@ class Trainer:
             with gradient_sync(self.model, i == len(group) - 1):
                 with self.autocast():
                     loss_sums = objectives(self.task.loss(self.model, batch)[0])
-                parts = [loss_sums[name] / max(1, total_targets[name]) for name in total_targets]
+                parts = [loss_sums[name] * (weights.get(name, 1.0) / max(1, total_targets[name]))
+                         for name in total_targets]
                 loss = parts[0]
                 for part in parts[1:]:
                     loss = loss + part

@@ -13,7 +13,8 @@ from tunelab.config.loading import validate
 from tunelab.config.schema import TrainConfig
 from tunelab.errors import ConfigError
 from tunelab.train.run import masking_collator, prepare_data, prepare_model, run_tokenizer, train
-from tunelab.train.tasks import MaskedLMStep
+from tunelab.train.tasks import MaskedLMStep, make_step
+from tunelab.train.trainer import Batches, Trainer
 
 DATA = Path(__file__).resolve().parents[4] / "shared" / "data"
 WIKITEXT_VALID = DATA / "wikitext2" / "valid.txt"
@@ -121,3 +122,38 @@ def test_continued_pretraining_of_minilm_gets_a_fresh_mlm_head(tmp_path):
     trained, _ = tunelab.load(tmp_path / "run" / "model")
     assert set(trained.heads) == {"mlm", "nsp"}
     assert not torch.equal(trained.backbone.embeddings.tok.weight, embeddings)  # the tied decoder trained them
+
+
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
+def test_nsp_weight_scales_the_nsp_term_of_the_gradient_and_leaves_the_logged_losses_unweighted(
+        tmp_path, wordpiece_tokenizer_dir):
+    c = config(tmp_path / "run", str(wordpiece_tokenizer_dir), max_grad_norm=None)
+    tokenizer = run_tokenizer(c)
+    data = prepare_data(c, tokenizer)
+    model, tokenizer = prepare_model(c, [])
+    batch = masking_collator(c, tokenizer)(data.train.features[:8], 0)
+
+    def gradients(weight: float) -> tuple[dict, dict]:
+        trainer = Trainer(model, MaskedLMStep(nsp=True, nsp_weight=weight),
+                          Batches(data.train.features, lambda epoch, start: [list(range(8))], lambda rows: rows),
+                          None, c.train, tmp_path / f"w{weight}", show_progress=False)
+        trainer.optimizer.step = lambda *a, **k: None  # keep the weights and the gradients of this one step
+        trainer.optimizer.zero_grad = lambda *a, **k: None
+        model.zero_grad(set_to_none=True)
+        losses, targets, _ = trainer._optimizer_step([(batch, 1.0)])
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, losses
+
+    g1, losses1 = gradients(1.0)
+    g4, losses4 = gradients(4.0)
+    assert losses1 == pytest.approx(losses4, rel=1e-6)  # what is logged is the unweighted loss
+    model.zero_grad(set_to_none=True)
+    losses, counts = MaskedLMStep(nsp=True).loss(model, batch)
+    (losses["nsp"] / counts["nsp"]).backward()
+    nsp_grad = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert float(nsp_grad["heads.nsp.out.weight"].abs().max()) > 0
+    for name, g in g1.items():  # 4 x nsp - 1 x nsp = 3 x the gradient of the mean NSP loss
+        expected = 3 * nsp_grad[name] if name in nsp_grad else torch.zeros_like(g)
+        assert torch.allclose(g4[name] - g, expected, atol=1e-5, rtol=1e-4), name
+    weighted = c.model_copy(update={"task": c.task.model_copy(update={"nsp_weight": 2.5})})
+    assert make_step("masked_lm", task=weighted.task).loss_weights == {"nsp": 2.5}
+    assert make_step("masked_lm", nsp=False, task=weighted.task).loss_weights == {}
