@@ -23,7 +23,7 @@ def main(overrides: list[str]) -> None:
     tokenizer = run_tokenizer(config, retrain=False, save=False)
     rows = prepare_data(config, tokenizer).train.features
     collate = masking_collator(config, tokenizer)
-    special = torch.tensor(sorted(set(tokenizer.all_special_ids)))
+    special = collate.special_ids  # what the collator never masks
     maskable = chosen = as_mask = unchanged = 0
     for start in range(0, len(rows), 256):
         part = rows[start:start + 256]
