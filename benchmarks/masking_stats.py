@@ -13,6 +13,7 @@ import sys
 
 import torch
 
+from tunelab.data.collate import pad_collate
 from tunelab.train.run import load_train_config, masking_collator, prepare_data, run_tokenizer
 
 CONFIG = "configs/wikitext2-bert-mlm.yaml"
@@ -28,9 +29,7 @@ def main(overrides: list[str]) -> None:
     for start in range(0, len(rows), 256):
         part = rows[start:start + 256]
         batch = collate(part, 0)  # epoch 0's masks
-        original = torch.full_like(batch["input_ids"], -1)
-        for b, row in enumerate(part):
-            original[b, :len(row["input_ids"])] = torch.tensor(row["input_ids"])
+        original = pad_collate(part, pad_token_id=collate.pad_token_id)["input_ids"]  # before masking
         target = batch["labels"] != -100
         maskable += int((batch["attention_mask"].bool() & ~torch.isin(original, special)).sum())
         chosen += int(target.sum())

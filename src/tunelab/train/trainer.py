@@ -48,7 +48,8 @@ BEST = "checkpoint-best"
 
 class TaskStep(Protocol):
     """What a task gives the trainer: loss is (summed loss, targets), or for several objectives
-    ({name: summed loss}, {name: targets}) with num_targets giving {name: targets} too."""
+    ({name: summed loss}, {name: targets}) with num_targets giving {name: targets} too. A step with several
+    objectives may have `loss_weights` ({name: weight}, 1 when absent; MaskedLMStep's task.nsp_weight)."""
 
     main_metric: str
     greater_is_better: bool

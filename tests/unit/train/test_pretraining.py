@@ -140,7 +140,7 @@ def test_nsp_weight_scales_the_nsp_term_of_the_gradient_and_leaves_the_logged_lo
         trainer.optimizer.step = lambda *a, **k: None  # keep the weights and the gradients of this one step
         trainer.optimizer.zero_grad = lambda *a, **k: None
         model.zero_grad(set_to_none=True)
-        losses, targets, _ = trainer._optimizer_step([(batch, 1.0)])
+        losses, _, _ = trainer._optimizer_step([(batch, 1.0)])
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, losses
 
     g1, losses1 = gradients(1.0)
