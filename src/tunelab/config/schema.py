@@ -155,6 +155,10 @@ class TaskSection(Section):
     nsp_weight: float = Field(1.0, gt=0.0, description="masked_lm: weight of the NSP loss in the training loss "
                               "(mean masked-token CE + nsp_weight x mean NSP CE); the logged losses are unweighted")
     mask_probability: float = Field(0.15, gt=0.0, lt=1.0, description="masked_lm: share of the tokens chosen as targets")
+    final_mask_probability: float | None = Field(
+        None, gt=0.0, lt=1.0, description="masked_lm: a masking-rate schedule: the share of targets moves linearly "
+        "from mask_probability at the first step to this at the last (Ankner et al. 2023); validation rows are "
+        "masked at this rate. null: mask_probability throughout")
     mask_token_fraction: float = Field(0.8, ge=0.0, le=1.0, description="masked_lm: chosen tokens replaced by [MASK]")
     random_token_fraction: float = Field(0.1, ge=0.0, le=1.0,
                                          description="masked_lm: chosen tokens replaced by a random token (the rest stay)")

@@ -22,6 +22,12 @@ drawn at batch time (dynamic masking, Liu et al. 2019: new masks every epoch), e
 seeded by (seed, epoch, row index) alone, so a resumed run draws the same masks and batch size or gradient
 accumulation change nothing; validation rows are masked once with a fixed seed, so that every evaluation
 scores the same targets.
+
+Masking-rate schedule (optional; Ankner et al. 2023, "Dynamic masking rate schedules for MLM pretraining"):
+with `final_probability` the rate moves linearly from `probability` at the start of training to
+`final_probability` at the end (the trainer tells the collator its progress, so a resumed run draws the same).
+A collator called without a progress masks at the final rate: validation rows are masked as the model
+finally trains.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from __future__ import annotations
 import random
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -326,12 +332,23 @@ def encode_pretraining(documents: Sequence[Sequence[str]], tokenizer: Tokenizer,
 
 @dataclass(frozen=True)
 class MaskingSettings:
-    """BERT's masking: 15% of the tokens are targets; of those 80% [MASK], 10% random, 10% unchanged."""
+    """BERT's masking: 15% of the tokens are targets; of those 80% [MASK], 10% random, 10% unchanged.
+    With final_probability the share of targets moves linearly from probability to it over training."""
 
     probability: float = 0.15
     mask_token_fraction: float = 0.8
     random_token_fraction: float = 0.1
     whole_word: bool = False
+    final_probability: float | None = None
+
+    def at(self, progress: float) -> MaskingSettings:
+        """The settings at `progress` (0: first step, 1: end of training): a constant rate without
+        final_probability, else the linear interpolation from probability to final_probability."""
+        if self.final_probability is None:
+            return self
+        p = min(max(progress, 0.0), 1.0)
+        return replace(self, probability=(1.0 - p) * self.probability + p * self.final_probability,
+                       final_probability=None)
 
 
 _MASK64 = (1 << 64) - 1
@@ -362,7 +379,8 @@ def mask_tokens(input_ids: torch.Tensor, maskable: torch.Tensor, *, settings: Ma
 
     maskable [B, T]: tokens that may be chosen (not special, not padding). generators: one per row, which
     draws the row's random numbers for its `lengths[b]` tokens (so padding changes nothing). word_starts
-    [B, T] (whole-word masking): 1 where a word starts. Each row gets round(probability * maskable tokens)
+    [B, T] (whole-word masking): 1 where a word starts. settings.probability is the rate (a schedule is
+    resolved before: MaskingSettings.at). Each row gets round(probability * maskable tokens)
     targets (at least one): every word (or token) draws a random key, and words are taken in key order while
     the row's count of targets stays within that number.
     """
@@ -404,11 +422,12 @@ def mask_tokens(input_ids: torch.Tensor, maskable: torch.Tensor, *, settings: Ma
 
 
 class MaskedLMCollator:
-    """Pads a batch of pretraining rows and masks it: collator(rows, epoch) -> batch.
+    """Pads a batch of pretraining rows and masks it: collator(rows, epoch, progress) -> batch.
 
     The batch has input_ids (masked), attention_mask, token_type_ids, labels (-100 except at targets) and,
     with NSP, next_sentence_label. Each row's masks come from masking_generator(seed, stream, epoch, row),
-    where row is the row's "row" index (set when the rows are built).
+    where row is the row's "row" index (set when the rows are built). `progress` (0 to 1, default the end)
+    places the batch in training for a masking-rate schedule (MaskingSettings.final_probability).
     """
 
     def __init__(self, *, pad_token_id: int, mask_token_id: int, special_ids: Iterable[int], vocab_size: int,
@@ -432,7 +451,7 @@ class MaskedLMCollator:
         return cls(pad_token_id=pad, mask_token_id=tokenizer.mask_token_id, special_ids=tokenizer.all_special_ids,
                    vocab_size=vocab_size or tokenizer.vocab_size, settings=settings, seed=seed, stream=stream)
 
-    def __call__(self, rows: Sequence[dict], epoch: int = 0) -> dict[str, torch.Tensor]:
+    def __call__(self, rows: Sequence[dict], epoch: int = 0, progress: float = 1.0) -> dict[str, torch.Tensor]:
         batch = pad_collate(rows, pad_token_id=self.pad_token_id)
         ids = batch["input_ids"]
         maskable = batch["attention_mask"].bool() & ~torch.isin(ids, self.special_ids)
@@ -446,7 +465,7 @@ class MaskedLMCollator:
             raise DataError("pretraining rows need their 'row' index (build them with encode_pretraining)")
         generators = [masking_generator(self.seed, self.stream, epoch, r["row"]) for r in rows]
         batch["input_ids"], batch["labels"] = mask_tokens(
-            ids, maskable, settings=self.settings, mask_token_id=self.mask_token_id,
+            ids, maskable, settings=self.settings.at(progress), mask_token_id=self.mask_token_id,
             replacement_ids=self.replacement_ids, generators=generators, lengths=[len(r["input_ids"]) for r in rows],
             word_starts=word_starts)
         return batch
@@ -454,7 +473,7 @@ class MaskedLMCollator:
 
 def mask_features(features: Sequence[dict], collator: MaskedLMCollator, *, chunk: int = 256) -> list[dict]:
     """Rows masked once (validation): each gets masked "input_ids" and "labels", drawn for epoch 0 of the
-    collator's seed and stream, so every evaluation scores the same targets."""
+    collator's seed and stream at its final masking rate, so every evaluation scores the same targets."""
     out = []
     for start in range(0, len(features), chunk):
         rows = features[start:start + chunk]

@@ -270,12 +270,14 @@ def pair_settings(config: TrainConfig):
 
 
 def masking_collator(config: TrainConfig, tokenizer, *, stream: int = 0):
-    """The masked_lm collator: pads and masks a batch as task.mask_* say; stream 0 trains, 1 validates."""
+    """The masked_lm collator: pads and masks a batch as task.mask_* say; stream 0 trains, 1 validates (at
+    task.final_mask_probability when it is set)."""
     from tunelab.data.pretraining import MaskedLMCollator, MaskingSettings
 
     t = config.task
     settings = MaskingSettings(probability=t.mask_probability, mask_token_fraction=t.mask_token_fraction,
-                               random_token_fraction=t.random_token_fraction, whole_word=t.whole_word_masking)
+                               random_token_fraction=t.random_token_fraction, whole_word=t.whole_word_masking,
+                               final_probability=t.final_mask_probability)
     return MaskedLMCollator.for_tokenizer(tokenizer, settings, seed=config.train.seed, stream=stream)
 
 
@@ -811,7 +813,7 @@ def _train(config: TrainConfig, context, *, resume: bool, show_progress: bool, l
                      bptt=config.data.bptt, tokenizer=tokenizer, task=config.task)
     lengths = data.train.lengths
     collate, seeded = step.collate, False
-    if config.task.type == "masked_lm":  # masks drawn per batch from (seed, epoch, batch index)
+    if config.task.type == "masked_lm":  # masks drawn per batch from (seed, epoch, row index) and progress
         collate, seeded = masking_collator(config, tokenizer), True
     if config.task.type == "recurrent_lm":
         from tunelab.data.stream import StreamBatchSampler, collate_stream_chunks

@@ -73,9 +73,10 @@ class TaskStep(Protocol):
 class Batches:
     """The training data as the loop sees it: features, a batch sampler factory, a collate function.
 
-    With `seeded`, collate is called as collate(rows, epoch): whatever it draws at random (MLM masks) comes
-    from the epoch and the rows themselves, not from a global random state, so a resumed run draws exactly
-    the same.
+    With `seeded`, collate is called as collate(rows, epoch, progress): whatever it draws at random (MLM
+    masks) comes from the epoch and the rows themselves, not from a global random state, and whatever changes
+    over training (a masking-rate schedule) from progress (the step's share of the training steps), so a
+    resumed run draws exactly the same.
     """
 
     features: list[dict]
@@ -83,9 +84,9 @@ class Batches:
     collate: Callable[..., dict]
     seeded: bool = False
 
-    def batch(self, indices: list[int], epoch: int) -> dict:
+    def batch(self, indices: list[int], epoch: int, progress: float = 0.0) -> dict:
         rows = [self.features[i] for i in indices]
-        return self.collate(rows, epoch) if self.seeded else self.collate(rows)
+        return self.collate(rows, epoch, progress) if self.seeded else self.collate(rows)
 
 
 def objectives(value: Any) -> dict[str, Any]:
@@ -195,7 +196,7 @@ class Trainer:
                         indices = next(batches, None)
                         if indices is None:
                             break
-                        group.append(self._local_batch(indices, state.epoch))
+                        group.append(self._local_batch(indices, state.epoch, self._progress()))
                     if not group:
                         break
                     loss_sums, targets, tokens = self._optimizer_step(group)
@@ -245,14 +246,18 @@ class Trainer:
             log.close()
         return self.final_metrics
 
-    def _local_batch(self, indices: list[int], epoch: int) -> tuple[dict, float]:
+    def _progress(self) -> float:
+        """Where the step being taken lies in training: 0 at the first step, 1 at the last."""
+        return min(1.0, self.state.global_step / max(1, self.total_steps - 1))
+
+    def _local_batch(self, indices: list[int], epoch: int, progress: float) -> tuple[dict, float]:
         """(this process's share of a global batch, collated; its weight). Under torchrun a short last batch can
         leave a process no row: it then runs its first row with weight 0 (no loss, no targets), so that every
         process takes part in the gradient all-reduce."""
         share = share_of_batch(indices, self.dist)
         if share:
-            return self.train_data.batch(share, epoch), 1.0
-        return self.train_data.batch(list(indices[:1]), epoch), 0.0
+            return self.train_data.batch(share, epoch, progress), 1.0
+        return self.train_data.batch(list(indices[:1]), epoch, progress), 0.0
 
     def _optimizer_step(self, group: list[tuple[dict, float]]) -> tuple[dict[str, float], dict[str, int], int]:
         """Forward/backward every micro-batch of `group`, each objective normalised by its targets in the

@@ -259,3 +259,24 @@ def test_validation_rows_are_masked_once_the_same_way(tokenizer, wikitext_rows):
     counts = Counter(label != -100 for row in first for label in row["labels"])
     assert counts[True] / (counts[True] + counts[False]) == pytest.approx(0.14, abs=0.02)
     assert all(row["next_sentence_label"] in (0, 1) and "word_starts" not in row for row in first)
+
+
+def test_a_masking_rate_schedule_moves_each_rows_share_of_targets_linearly(tokenizer, wikitext_rows):
+    special = set(tokenizer.all_special_ids)
+    rows = wikitext_rows.features[:64]
+    settings = MaskingSettings(probability=0.4, final_probability=0.15)
+    collator = MaskedLMCollator.for_tokenizer(tokenizer, settings, seed=0)
+    for progress, rate in ((0.0, 0.4), (0.5, 0.275), (1.0, 0.15), (-1.0, 0.4), (2.0, 0.15)):
+        batch = collator(rows, 0, progress)
+        for i, row in enumerate(rows):
+            maskable = sum(t not in special for t in row["input_ids"])
+            chosen = int((batch["labels"][i] != -100).sum())
+            assert chosen == max(1, round(rate * maskable)), (progress, i)
+    assert torch.equal(collator(rows, 0)["labels"], collator(rows, 0, 1.0)["labels"])  # no progress: the end
+    assert settings.at(0.3).probability == pytest.approx(0.325) and settings.at(0.3).final_probability is None
+    assert settings.at(1.0) == MaskingSettings(probability=0.15)
+    assert MaskingSettings(probability=0.2).at(0.7) == MaskingSettings(probability=0.2)  # no schedule
+    validation = mask_features(rows, MaskedLMCollator.for_tokenizer(tokenizer, settings, seed=0, stream=1))
+    for row, masked in zip(rows, validation):  # validation rows are masked at the final rate
+        maskable = sum(t not in special for t in row["input_ids"])
+        assert sum(label != -100 for label in masked["labels"]) == max(1, round(0.15 * maskable))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -270,6 +271,40 @@ def test_a_resumed_run_ends_with_the_metrics_of_a_best_evaluation_made_before_th
     # the best evaluation's metrics, every one of them (not only the scalars of metrics.jsonl), and its weights
     assert final == {"loss": 0.5, "per_class": {"a": {"f1": 0.5}}, "step": 4}
     assert torch.equal(trainer.model.weight.detach(), first.seen[1][1])
+
+
+def test_a_seeded_collate_is_told_the_progress_of_each_step_also_after_a_resume(tmp_path):
+    """A masking-rate schedule reads the progress: 0 at the first step, 1 at the last, the same for every
+    micro-batch of a step, and the same in a resumed run."""
+    seen: list[tuple[int, float]] = []
+    xs = torch.randn(16, 4, generator=torch.Generator().manual_seed(1))
+    features = [{"x": x.tolist(), "y": float(x.sum())} for x in xs]
+    sampler = RandomBatchSampler(len(features), 2, seed=0)
+
+    def make_sampler(epoch, start_batch):
+        sampler.set_epoch(epoch, start_batch)
+        return sampler
+
+    def collate(rows, epoch, progress):
+        seen.append((epoch, progress))
+        return {"x": torch.tensor([r["x"] for r in rows]), "y": torch.tensor([r["y"] for r in rows])}
+
+    def trainer() -> Trainer:
+        torch.manual_seed(0)
+        s = TrainSection(batch_size=2, grad_accum=2, lr=0.05, precision="fp32", max_steps=5, save_steps=2,
+                         eval_steps=0)
+        return Trainer(torch.nn.Linear(4, 1), ScriptedTask("loss", [1.0], greater=False),
+                       Batches(features, make_sampler, collate, seeded=True), None, s, tmp_path, show_progress=False)
+
+    trainer().fit()
+    steps = [0.0, 0.0, 0.25, 0.25, 0.5, 0.5, 0.75, 0.75, 1.0, 1.0]
+    assert seen == [(0, p) for p in steps[:8]] + [(1, 1.0), (1, 1.0)]  # 4 steps of 2 micro-batches per epoch
+    shutil.rmtree(tmp_path / "checkpoint-4")
+    seen.clear()
+    resumed = trainer()
+    assert resumed.resume() and resumed.state.global_step == 2
+    resumed.fit()
+    assert seen == [(0, p) for p in steps[4:8]] + [(1, 1.0), (1, 1.0)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
