@@ -84,7 +84,7 @@ class Batches:
     collate: Callable[..., dict]
     seeded: bool = False
 
-    def batch(self, indices: list[int], epoch: int, progress: float = 0.0) -> dict:
+    def batch(self, indices: list[int], epoch: int, progress: float) -> dict:
         rows = [self.features[i] for i in indices]
         return self.collate(rows, epoch, progress) if self.seeded else self.collate(rows)
 
