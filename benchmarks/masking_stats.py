@@ -4,7 +4,8 @@ pairs. The README's masking figures (BERT's default 15%, one cut of the articles
 
     python benchmarks/masking_stats.py task.mask_probability=0.15 task.dupe_factor=1
 
-Further arguments are config overrides (the config is configs/wikitext2-bert-mlm.yaml).
+Further arguments are config overrides (the config is configs/wikitext2-bert-mlm.yaml). With a masking-rate
+schedule (task.final_mask_probability) the shares are those of the last step.
 """
 
 from __future__ import annotations
