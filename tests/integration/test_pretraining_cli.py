@@ -207,3 +207,31 @@ def test_pretraining_errors_are_clear(tmp_path, wordpiece_tokenizer_dir):
     with contextlib.redirect_stderr(err):
         assert main(["train", str(path), "--no-progress"]) == 1
     assert "next-sentence prediction needs at least 2 documents" in err.getvalue()
+
+
+def test_a_rotary_bert_pretrains_answers_fill_mask_and_fine_tunes(tmp_path, wordpiece_tokenizer_dir):
+    config = pretraining_config(tmp_path / "rotary", wordpiece_tokenizer_dir)
+    config["model"]["architecture"] = {**TINY_BERT, "position_style": "rotary"}
+    config["train"].update(max_steps=30, eval_at_start=False)
+    run = train_run(tmp_path, config)
+    train = records(run, "train")
+    assert train[-1]["mlm_loss"] < train[0]["mlm_loss"] - 1.0, (train[0], train[-1])
+    saved = json.loads((run / "model" / "config.json").read_text())
+    assert saved["model_type"] == "tunelab-bert" and saved["position_style"] == "rotary"
+    code, out = cli("eval", str(run), "--json")
+    assert code == 0, out
+    final = json.loads((run / "metrics.json").read_text())
+    assert json.loads(out)["nsp_accuracy"] == pytest.approx(final["nsp_accuracy"], abs=1e-6)
+    code, out = cli("fill-mask", "--model", str(run), "the lobster is [MASK] in colour .", "--json", "--top-k", "2")
+    assert code == 0 and len(json.loads(out)[0]) == 2
+
+    fine_tune = {
+        "output_dir": str(tmp_path / "cls"), "model": {"source": str(run)}, "task": {"type": "classification"},
+        "data": {"train": str(SST2_DEV), "text_field": "sentence", "max_length": 32, "max_train_examples": 32,
+                 "max_validation_examples": 16},
+        "train": {"max_steps": 4, "batch_size": 16, "precision": "fp32", "num_threads": 1},
+    }
+    cls_run = train_run(tmp_path, fine_tune)
+    saved = json.loads((cls_run / "model" / "config.json").read_text())
+    assert saved["model_type"] == "tunelab-bert" and saved["heads"] == ["classifier"]
+    assert len(saved["labels"]) == 2  # SST-2: negative, positive

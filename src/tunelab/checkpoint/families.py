@@ -97,6 +97,8 @@ def architecture_for(hf_config: dict, source: str) -> Architecture:
 
 def architecture_for_heads(model_type: str, heads: set[str]) -> Architecture:
     """The HF class that holds exactly these heads (for saving)."""
+    if not any(arch.model_type == model_type for arch in ARCHITECTURES.values()):
+        raise CheckpointError(f"{model_type} models have no Hugging Face architecture (saved in tunelab's own layout)")
     for arch in ARCHITECTURES.values():
         if arch.model_type == model_type and set(arch.heads) == heads:
             return arch

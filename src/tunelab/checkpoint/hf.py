@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from tunelab.checkpoint import names as N
 from tunelab.checkpoint.families import Architecture, architecture_for, architecture_for_heads, config_from_hf, config_to_hf
 from tunelab.checkpoint.native import (is_native, is_native_family, native_config_from_json, native_config_to_json,
-                                       native_state)
+                                       native_state, saved_model_type)
 from tunelab.errors import CheckpointError
 from tunelab.models.base import Model
 from tunelab.models.gpt2 import GPT2Config
@@ -237,7 +237,7 @@ def _reset_buffers(model: Model) -> None:
 
 def ours_to_hf(model: Model) -> tuple[Architecture, dict[str, torch.Tensor]]:
     """Our state dict renamed to the HF architecture that matches the model's heads."""
-    arch = architecture_for_heads(model.config.model_type, set(model.heads.keys()))
+    arch = architecture_for_heads(saved_model_type(model.config), set(model.heads.keys()))
     sd = dict(model.state_dict())
     if getattr(model.config, "tie_embeddings", False):
         sd.pop("heads.lm.proj.weight", None)

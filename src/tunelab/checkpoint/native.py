@@ -1,5 +1,5 @@
-"""Model families that have no Hugging Face architecture (the recurrent LMs of rnn.py, the encoder-decoder
-Transformer of seq2seq.py), saved in HF's directory layout.
+"""Models that have no Hugging Face architecture (the recurrent LMs of rnn.py, the encoder-decoder Transformer
+of seq2seq.py, a BERT with rotary positions), saved in HF's directory layout.
 
 The directory looks like any HF model directory (config.json, model.safetensors, tokenizer files), so that
 `tunelab.load`, `save_pretrained`, `tunelab eval` and run directories treat it the same way; config.json
@@ -24,7 +24,7 @@ from tunelab.models.base import Model, ModelConfig
 from tunelab.models.registry import FAMILIES, HEAD_NAMES
 
 # config.json model_type -> our family
-NATIVE_MODEL_TYPES = {"tunelab-rnn": "rnn", "tunelab-seq2seq": "seq2seq"}
+NATIVE_MODEL_TYPES = {"tunelab-rnn": "rnn", "tunelab-seq2seq": "seq2seq", "tunelab-bert": "bert"}
 FORMAT_VERSION = 1
 # config.json keys that are not fields of the family's config
 _FRAME_KEYS = {"tunelab_format", "family", "heads", "torch_dtype", "architectures"}
@@ -34,8 +34,16 @@ def is_native(hf_config: dict) -> bool:
     return hf_config.get("model_type") in NATIVE_MODEL_TYPES
 
 
+def saved_model_type(config: ModelConfig) -> str:
+    """The model_type a saved config.json names: a BERT with rotary positions is "tunelab-bert", because
+    transformers' BERT classes would load it with a (missing) position table."""
+    if config.family == "bert" and getattr(config, "position_style", "") == "rotary":
+        return "tunelab-bert"
+    return config.model_type
+
+
 def is_native_family(config: ModelConfig) -> bool:
-    return config.model_type in NATIVE_MODEL_TYPES
+    return saved_model_type(config) in NATIVE_MODEL_TYPES
 
 
 def native_config_from_json(data: dict, source: str) -> tuple[ModelConfig, list[str]]:
@@ -58,8 +66,8 @@ def native_config_from_json(data: dict, source: str) -> tuple[ModelConfig, list[
         if f.name in data and f.name in ("vocab_size", "hidden_size", "num_layers", "embedding_size") \
                 and (not isinstance(data[f.name], int) or isinstance(data[f.name], bool)):
             raise CheckpointError(f"{source}: field {f.name!r} must be an integer, got {data[f.name]!r}")
-    try:
-        config = cls(**{k: v for k, v in data.items() if k in known})
+    try:  # the family's own model_type ("bert" for "tunelab-bert")
+        config = cls(**{k: v for k, v in data.items() if k in known and k != "model_type"})
         check = getattr(config, "check", None)
         if check is not None:
             check()
@@ -73,7 +81,8 @@ def native_config_from_json(data: dict, source: str) -> tuple[ModelConfig, list[
 def native_config_to_json(model: Model) -> dict:
     """config.json of a native model: our config's fields plus the head names."""
     data = model.config.to_dict()
-    return {**data, "tunelab_format": FORMAT_VERSION, "heads": sorted(model.heads.keys())}
+    return {**data, "model_type": saved_model_type(model.config), "tunelab_format": FORMAT_VERSION,
+            "heads": sorted(model.heads.keys())}
 
 
 def native_state(model: Model) -> dict[str, torch.Tensor]:

@@ -3,6 +3,10 @@
 Embeddings (token + position + segment) -> LayerNorm, then post-LN blocks:
     h = LN(x + Attention(x));  y = LN(h + W_2 act(W_1 h))
 and a pooler tanh(W h_[CLS]) for sentence-level heads.
+
+position_style "rotary" drops the position table and rotates each layer's queries and keys instead (RoFormer,
+Su et al. 2021), so attention scores depend on relative offsets. Hugging Face's BERT classes cannot hold such a
+model: it is saved in tunelab's own layout (checkpoint/native.py).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from torch import nn
 from tunelab.models.base import ModelConfig
 from tunelab.nn.attention import Attention, build_attention_mask
 from tunelab.nn.mlp import MLP
-from tunelab.nn.positions import sinusoidal_positions
+from tunelab.nn.positions import RotaryEmbedding, sinusoidal_positions
 
 
 @dataclass
@@ -28,13 +32,27 @@ class BertConfig(ModelConfig):
     max_position_embeddings: int = 512
     type_vocab_size: int = 2  # 0: no segment embeddings (DistilBERT)
     layer_norm_eps: float = 1e-12
-    # "absolute": positions 0..T-1; "roberta": positions counted over non-pad tokens from pad_token_id + 1
+    # "absolute": a learned table over positions 0..T-1; "roberta": the same over positions counted over non-pad
+    # tokens from pad_token_id + 1; "rotary": no table, rotary positions on queries and keys (rope_theta)
     position_style: str = "absolute"
     sinusoidal_positions: bool = False
+    rope_theta: float = 10000.0
     add_pooler: bool = True
     tie_embeddings: bool = True  # MLM decoder shares the token embeddings
 
     family = "bert"
+
+    def check(self) -> None:
+        """ValueError naming the first field that cannot build a model."""
+        if self.position_style not in POSITION_STYLES:
+            raise ValueError(f"position_style must be one of {', '.join(POSITION_STYLES)}, got {self.position_style!r}")
+        if self.position_style == "rotary" and self.sinusoidal_positions:
+            raise ValueError("sinusoidal_positions needs a position table; position_style rotary has none")
+        if self.position_style == "rotary" and (self.hidden_size // max(self.num_heads, 1)) % 2:
+            raise ValueError(f"position_style rotary needs an even head size, got {self.hidden_size // self.num_heads}")
+
+
+POSITION_STYLES = ("absolute", "roberta", "rotary")
 
 
 class BertEmbeddings(nn.Module):
@@ -42,8 +60,9 @@ class BertEmbeddings(nn.Module):
         super().__init__()
         self.config = config
         self.tok = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
-        self.pos = nn.Embedding(config.max_position_embeddings, config.hidden_size)
-        if config.sinusoidal_positions:
+        rotary = config.position_style == "rotary"
+        self.pos = None if rotary else nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        if config.sinusoidal_positions and self.pos is not None:
             self.pos.weight.data.copy_(sinusoidal_positions(config.max_position_embeddings, config.hidden_size))
             self.pos.weight.requires_grad_(False)
         self.segment = nn.Embedding(config.type_vocab_size, config.hidden_size) if config.type_vocab_size else None
@@ -60,7 +79,9 @@ class BertEmbeddings(nn.Module):
     def forward(self, input_ids, token_type_ids=None, position_ids=None) -> torch.Tensor:
         if position_ids is None:
             position_ids = self.position_ids(input_ids)
-        x = self.tok(input_ids) + self.pos(position_ids)  # [B, T, D]
+        x = self.tok(input_ids)  # [B, T, D]
+        if self.pos is not None:
+            x = x + self.pos(position_ids)
         if self.segment is not None:
             if token_type_ids is None:
                 token_type_ids = torch.zeros_like(input_ids)
@@ -86,8 +107,8 @@ class BertLayer(nn.Module):
         self.mlp_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        x = self.attn_norm(x + self.dropout(self.attn(x, mask=mask)))
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, rope: tuple | None = None) -> torch.Tensor:
+        x = self.attn_norm(x + self.dropout(self.attn(x, mask=mask, rope=rope)))
         return self.mlp_norm(x + self.dropout(self.mlp(x)))
 
 
@@ -113,6 +134,8 @@ class BertModel(nn.Module):
         self.embeddings = BertEmbeddings(config)
         self.layers = nn.ModuleList(BertLayer(config, i) for i in range(config.num_layers))
         self.pooler = BertPooler(config.hidden_size) if config.add_pooler else None
+        rotary = config.position_style == "rotary"
+        self.rotary = RotaryEmbedding(config.hidden_size // config.num_heads, config.rope_theta) if rotary else None
 
     @property
     def tok_embeddings(self) -> nn.Embedding:
@@ -135,7 +158,12 @@ class BertModel(nn.Module):
             attention_mask = None
         mask = build_attention_mask(attention_mask, T, T, causal=False, document_ids=document_ids)
         x = self.embeddings(input_ids, token_type_ids, position_ids)  # [B, T, D]
+        rope = None
+        if self.rotary is not None:  # cos, sin [B, 1, T, head_dim]
+            if position_ids is None:
+                position_ids = self.embeddings.position_ids(input_ids)
+            rope = self.rotary(position_ids, x.dtype)
         for layer in self.layers:
-            x = layer(x, mask)
+            x = layer(x, mask, rope)
         pooled = self.pooler(x) if self.pooler is not None else None
         return x, pooled

@@ -56,18 +56,19 @@ def config_from_architecture(architecture: dict, **defaults) -> ModelConfig:
             raise ValueError(f"model.architecture.{key}: not a field of a {family} config{hint}")
     values = {**{k: v for k, v in defaults.items() if k in known}, **arch}
     config = cls(**values)
-    if isinstance(config, RNNConfig):
+    if not isinstance(config, RNNConfig):
+        if config.hidden_size <= 0 or config.num_layers <= 0 or config.num_heads <= 0:
+            raise ValueError(f"model.architecture: hidden_size, num_layers and num_heads must be positive "
+                             f"(got {config.hidden_size}, {config.num_layers}, {config.num_heads})")
+        if config.hidden_size % config.num_heads:
+            raise ValueError(f"model.architecture: hidden_size {config.hidden_size} is not divisible by "
+                             f"num_heads {config.num_heads}")
+    check = getattr(config, "check", None)
+    if check is not None:
         try:
-            config.check()
+            check()
         except ValueError as err:
             raise ValueError(f"model.architecture: {err}") from None
-        return config
-    if config.hidden_size <= 0 or config.num_layers <= 0 or config.num_heads <= 0:
-        raise ValueError(f"model.architecture: hidden_size, num_layers and num_heads must be positive "
-                         f"(got {config.hidden_size}, {config.num_layers}, {config.num_heads})")
-    if config.hidden_size % config.num_heads:
-        raise ValueError(f"model.architecture: hidden_size {config.hidden_size} is not divisible by "
-                         f"num_heads {config.num_heads}")
     return config
 
 

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from tunelab.checkpoint import names as N
 from tunelab.checkpoint.families import ARCHITECTURES, Architecture, architecture_for_heads
+from tunelab.checkpoint.native import saved_model_type
 from tunelab.checkpoint.hf import _atomic_write, _gpt2_to_conv1d, hf_to_ours, read_json
 from tunelab.errors import CheckpointError
 from tunelab.peft.lora import LoraSettings, LoRALinear, apply_lora, lora_modules
@@ -54,7 +55,7 @@ def _is_gpt2(model) -> bool:
 
 
 def _architecture(model) -> Architecture:
-    return architecture_for_heads(model.config.model_type, set(model.heads.keys()))
+    return architecture_for_heads(saved_model_type(model.config), set(model.heads.keys()))
 
 
 def hf_module_name(path: str, arch: Architecture) -> str | None:
