@@ -157,12 +157,10 @@ class BertModel(nn.Module):
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None
         mask = build_attention_mask(attention_mask, T, T, causal=False, document_ids=document_ids)
+        if position_ids is None:
+            position_ids = self.embeddings.position_ids(input_ids)
         x = self.embeddings(input_ids, token_type_ids, position_ids)  # [B, T, D]
-        rope = None
-        if self.rotary is not None:  # cos, sin [B, 1, T, head_dim]
-            if position_ids is None:
-                position_ids = self.embeddings.position_ids(input_ids)
-            rope = self.rotary(position_ids, x.dtype)
+        rope = self.rotary(position_ids, x.dtype) if self.rotary is not None else None  # cos, sin [B, 1, T, hd]
         for layer in self.layers:
             x = layer(x, mask, rope)
         pooled = self.pooler(x) if self.pooler is not None else None
