@@ -48,8 +48,9 @@ class BertConfig(ModelConfig):
             raise ValueError(f"position_style must be one of {', '.join(POSITION_STYLES)}, got {self.position_style!r}")
         if self.position_style == "rotary" and self.sinusoidal_positions:
             raise ValueError("sinusoidal_positions needs a position table; position_style rotary has none")
-        if self.position_style == "rotary" and (self.hidden_size // max(self.num_heads, 1)) % 2:
-            raise ValueError(f"position_style rotary needs an even head size, got {self.hidden_size // self.num_heads}")
+        head_dim = self.hidden_size // max(self.num_heads, 1)
+        if self.position_style == "rotary" and head_dim % 2:
+            raise ValueError(f"position_style rotary needs an even head size, got {head_dim}")
 
 
 POSITION_STYLES = ("absolute", "roberta", "rotary")

@@ -24,8 +24,8 @@ from safetensors.torch import load_file, save_file
 
 from tunelab.checkpoint import names as N
 from tunelab.checkpoint.families import ARCHITECTURES, Architecture, architecture_for_heads
-from tunelab.checkpoint.native import saved_model_type
 from tunelab.checkpoint.hf import _atomic_write, _gpt2_to_conv1d, hf_to_ours, read_json
+from tunelab.checkpoint.native import saved_model_type
 from tunelab.errors import CheckpointError
 from tunelab.peft.lora import LoraSettings, LoRALinear, apply_lora, lora_modules
 
